@@ -163,12 +163,13 @@ class Capture:
 
     def _layer(self, store: dict, layer: int, kind: str) -> AttentionFactors:
         if not -self.num_layers <= layer < self.num_layers:
-            raise ArgumentError(f"{kind} layer {layer} is out of range (0..{self.num_layers - 1}).")
+            last = self.num_layers - 1
+            raise ArgumentError(f"{kind} layer {layer} is out of range (0..{last}).")
         layer %= self.num_layers
         if layer not in store:
             raise ArgumentError(
-                f"{kind} layer {layer} was not captured: run the model inside the `with capture(...)`"
-                " block, in the thread that opened it, and include the layer in the capture."
+                f"{kind} layer {layer} was not captured: run the model inside the"
+                " `with capture(...)` block, in the thread that opened it, and include the layer."
             )
         return store[layer]
 
@@ -205,15 +206,18 @@ def capture(
         (dec[i].multihead_attn, result.decoder, i) for i in _layers(decoder_layers, len(dec))
     ]
 
-    def per_head(module, args, kwargs):
-        if threading.get_ident() == owner:
-            return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
-        return None
-
-    def record_attention(store, index, module, args, kwargs, output):
+    # Other threads may call these hooks, even with the kwargs argument missing while another
+    # thread registers or removes hooks (torch reads its hook tables twice), so the owner
+    # check comes before anything else and the signatures take what they are given.
+    def per_head(module, args, *kwargs):
         if threading.get_ident() != owner:
             return None
-        attn_output, weights = output
+        return args, {**kwargs[0], "need_weights": True, "average_attn_weights": False}
+
+    def record_attention(store, index, module, args, *kwargs_and_output):
+        if threading.get_ident() != owner:
+            return None
+        kwargs, (attn_output, weights) = kwargs_and_output
         store[index] = _factorise(module, args, kwargs, weights)
         # hooks registered after ours see what the unhooked call returns: head-averaged weights
         return attn_output, weights.mean(dim=1)

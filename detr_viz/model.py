@@ -82,7 +82,7 @@ def nested_tensor_from_tensor_list(images: list[Tensor] | Tensor) -> NestedTenso
     first = images[0]
     tensor = first.new_zeros((len(images), first.shape[0], max_h, max_w))
     mask = torch.ones((len(images), max_h, max_w), dtype=torch.bool, device=first.device)
-    for img, pad_img, m in zip(images, tensor, mask):
+    for img, pad_img, m in zip(images, tensor, mask, strict=True):
         pad_img[:, : img.shape[1], : img.shape[2]].copy_(img)
         m[: img.shape[1], : img.shape[2]] = False
     return NestedTensor(tensor, mask)
@@ -170,7 +170,8 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, key_padding_mask: Tensor, pos: Tensor) -> Tensor:
         q = k = _with_pos(src, pos)
-        src = self.norm1(src + self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask)[0])
+        attended = self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask)[0]
+        src = self.norm1(src + attended)
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
 
@@ -205,7 +206,9 @@ class TransformerDecoderLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     def __init__(self, num_layers: int, **layer_args):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerEncoderLayer(**layer_args) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(**layer_args) for _ in range(num_layers)
+        )
 
     def forward(self, src: Tensor, src_key_padding_mask: Tensor, pos: Tensor) -> Tensor:
         for layer in self.layers:
@@ -271,7 +274,9 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+        self.layers = nn.ModuleList(
+            nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim], strict=True)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -294,6 +299,15 @@ class DETR(nn.Module):
         backbone = Backbone(variant.backbone, variant.dilation)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2))
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature cell, read off the backbone's strided layers (16 with DC5)."""
+        body = self.backbone[0].body
+        stride = body.conv1.stride[0] * body.maxpool.stride
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            stride *= getattr(body, name)[0].conv2.stride[0]
+        return stride
 
     def forward(self, samples: NestedTensor | Tensor | list[Tensor]) -> dict[str, Tensor]:
         """samples: (B, 3, H, W) normalised images, a list of (3, H_i, W_i), or a NestedTensor.

@@ -1,0 +1,193 @@
+"""One forward pass of DETR on one photo, kept as an immutable record to explore.
+
+    analysis = analyze(model, "photo.heic")
+    for det in analysis.detections(0.9):
+        heatmap = analysis.decoder_attention(det.query)           # (h, w)
+    around = analysis.encoder_attention((640, 480), layer=-1)     # (h, w), point in photo pixels
+
+Everything a slider or a click needs is a cheap function of the record: the model never runs
+again for another threshold, layer, head or reference point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from detr_viz.capture import AttentionFactors, capture
+from detr_viz.coco import COCO_CLASSES
+from detr_viz.errors import ArgumentError
+from detr_viz.geometry import FeatureGrid
+from detr_viz.image import load_image, preprocess
+from detr_viz.model import DETR
+
+Direction = Literal["incoming", "outgoing"]
+INCOMING: Direction = "incoming"  # what looks at the point: the column (the notebook's reading)
+OUTGOING: Direction = "outgoing"  # where the point looks: the row, sums to 1
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One kept object query. ``box`` is (x0, y0, x1, y1) in original-image pixels."""
+
+    query: int
+    label: int
+    name: str
+    score: float
+    box: tuple[float, float, float, float]
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """DETR's predictions and attention for one image.
+
+    ``probabilities``: (100, 91) float32, softmax over the 92 outputs without "no object";
+    ``boxes``: (100, 4) float32 normalised (cx, cy, w, h) relative to the image;
+    ``encoder`` / ``decoder``: per layer (6 each), the exact attention factors of one image.
+    """
+
+    variant: str
+    grid: FeatureGrid
+    probabilities: np.ndarray
+    boxes: np.ndarray
+    encoder: tuple[AttentionFactors, ...]
+    decoder: tuple[AttentionFactors, ...]
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        """(h, w) of the CNN feature grid."""
+        return self.grid.shape
+
+    @property
+    def stride(self) -> int:
+        return self.grid.stride
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(width, height) of the oriented photo."""
+        return self.grid.original_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) of the resized model input."""
+        return self.grid.input_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder)
+
+    @property
+    def num_heads(self) -> int:
+        return self.encoder[0].num_heads
+
+    @property
+    def num_queries(self) -> int:
+        return self.probabilities.shape[0]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(100,) best class probability of each query."""
+        return self.probabilities.max(axis=1)
+
+    def boxes_xyxy(self) -> np.ndarray:
+        """(100, 4) boxes as (x0, y0, x1, y1) in original-image pixels."""
+        cx, cy, w, h = self.boxes.T
+        width, height = self.original_size
+        return np.stack(
+            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+             (cy + h / 2) * height], axis=1,
+        )
+
+    def detections(self, threshold: float = 0.9) -> list[Detection]:
+        """Queries whose best class probability is above ``threshold``, best first."""
+        if not 0 <= threshold <= 1:
+            raise ArgumentError(f"threshold {threshold} must be between 0 and 1.")
+        labels = self.probabilities.argmax(axis=1)
+        scores = self.scores
+        boxes = self.boxes_xyxy()
+        kept = [int(q) for q in np.argsort(-scores, kind="stable") if scores[q] > threshold]
+        return [
+            Detection(q, int(labels[q]), COCO_CLASSES[labels[q]], float(scores[q]),
+                      tuple(float(v) for v in boxes[q]))
+            for q in kept
+        ]
+
+    def decoder_attention(
+        self, query: int, layer: int = -1, head: int | None = None
+    ) -> np.ndarray:
+        """Cross-attention of object query ``query`` over the feature grid: (h, w) float32."""
+        return self.decoder_attentions([query], layer, head)[0]
+
+    def decoder_attentions(
+        self, queries: list[int], layer: int = -1, head: int | None = None
+    ) -> np.ndarray:
+        """Cross-attention maps of several queries at once: (len(queries), h, w) float32."""
+        for q in queries:
+            if not 0 <= q < self.num_queries:
+                raise ArgumentError(f"query {q} is out of range (0..{self.num_queries - 1}).")
+        maps = self._layer(self.decoder, layer).rows(queries, head)
+        return maps.reshape(len(queries), *self.feature_hw)
+
+    def encoder_attention(
+        self,
+        point: tuple[float, float],
+        layer: int = -1,
+        head: int | None = None,
+        direction: Direction = INCOMING,
+    ) -> np.ndarray:
+        """Encoder self-attention around the cell under ``point``: (h, w) float32.
+
+        ``point`` is (x, y) in original-image pixels. ``direction="incoming"`` (the default,
+        the classic notebook's reading) gives how much every cell attends to the point's cell;
+        ``"outgoing"`` gives where the point's cell attends (that map sums to 1).
+        """
+        cell = self.grid.cell_index(*self.grid.cell_at(*point))
+        factors = self._layer(self.encoder, layer)
+        if direction == INCOMING:
+            return factors.column(cell, head).reshape(self.feature_hw)
+        if direction == OUTGOING:
+            return factors.row(cell, head).reshape(self.feature_hw)
+        raise ArgumentError(f"direction must be {INCOMING!r} or {OUTGOING!r}, not {direction!r}.")
+
+    def _layer(self, layers: tuple[AttentionFactors, ...], layer: int) -> AttentionFactors:
+        if not -len(layers) <= layer < len(layers):
+            raise ArgumentError(f"layer {layer} is out of range (0..{len(layers) - 1}).")
+        return layers[layer]
+
+
+def analyze(
+    model: DETR, image, *, short_side: int = 800, max_size: int = 1333
+) -> Analysis:
+    """Run ``model`` once on ``image`` (anything :func:`load_image` takes) and keep everything.
+
+    The image is resized as DETR's evaluation transform does (short side ``short_side``, long
+    side at most ``max_size``) and normalised with ImageNet statistics.
+    """
+    model_input = preprocess(load_image(image), short_side=short_side, max_size=max_size)
+    with torch.inference_mode(), capture(model, features=False) as cap:
+        outputs = model(model_input.tensor)
+    grid = FeatureGrid(
+        original_size=model_input.original_size,
+        input_size=model_input.input_size,
+        shape=tuple(cap.feature_mask.shape[-2:]),
+        stride=model.stride,
+    )
+    probabilities = outputs["pred_logits"][0].softmax(-1)[:, :-1]
+    layers = range(cap.num_layers)
+    return Analysis(
+        variant=model.variant.name,
+        grid=grid,
+        probabilities=_frozen(probabilities.numpy()),
+        boxes=_frozen(outputs["pred_boxes"][0].numpy()),
+        encoder=tuple(cap.encoder_layer(i) for i in layers),
+        decoder=tuple(cap.decoder_layer(i) for i in layers),
+    )

@@ -1,0 +1,28 @@
+"""Shared fixtures: recipe-weight models (deterministic stand-ins, see detr_viz.testing)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from detr_viz.model import DETR, build_model
+from detr_viz.testing import recipe_state_dict
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@functools.cache
+def recipe_model(variant: str) -> DETR:
+    """A model of ``variant`` filled with the reference recipe weights (built once per run)."""
+    model = build_model(variant)
+    model.load_state_dict(recipe_state_dict(model))
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"reference vectors not found at {REFERENCE}; clone the project beside shared/")
+    return REFERENCE
