@@ -1,0 +1,249 @@
+"""Plotly figures of detections and attention maps: pure functions of records and arrays.
+
+Photos are drawn in ORIGINAL-pixel coordinates: x right in [0, W], y DOWN in [0, H] (the y
+axis is reversed), one unit per original pixel on both axes, whatever the size of the
+displayed JPEG. Feature maps are (h, w) arrays on the CNN grid: row 0 is the top row.
+Plotly places an image pixel or a heatmap cell with its CENTRE at x0 (+ i * dx), so a trace
+spanning [0, W] starts at x0 = dx / 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from detr_viz.display import DisplayImage
+from detr_viz.errors import ArgumentError
+from detr_viz.geometry import FeatureGrid
+
+if TYPE_CHECKING:  # a type only: importing figures must not pull in torch
+    from detr_viz.analysis import Detection
+
+COLORSCALES = ("Viridis", "Inferno", "Magma", "Cividis", "Jet")
+PALETTE = tuple(qualitative.Plotly)
+NO_DETECTIONS = "No detections above the threshold — lower it in the sidebar."
+NO_POINTS = "No points chosen — click the photo to pick one."
+Box = tuple[float, float, float, float]
+_MARGIN = {"l": 4, "r": 4, "t": 36, "b": 4}
+
+
+def detections_figure(
+    display: DisplayImage, detections: list[Detection], height: int = 500
+) -> go.Figure:
+    """The photo with one outlined, hoverable box per detection (boxes in original pixels)."""
+    fig = go.Figure(_photo(display))
+    for i, det in enumerate(detections):
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(_box(det.box, color, _describe(det)))
+        fig.add_annotation(
+            x=det.box[0], y=det.box[1], text=f"{det.name} {det.score:.2f}", showarrow=False,
+            xanchor="left", yanchor="top", bgcolor=color, font={"color": "white", "size": 12},
+        )
+    n = len(detections)
+    title = f"{n} detection{'s' if n != 1 else ''}" if n else NO_DETECTIONS
+    _photo_axes(fig, display.original_size)
+    return _style(fig, height, title)
+
+
+def attention_heatmap(
+    attention: np.ndarray, title: str, colorscale: str = "Viridis", height: int = 400,
+    show_scale: bool = False, marker_cell: tuple[int, int] | None = None,
+) -> go.Figure:
+    """An (h, w) map at feature resolution, axes in cell indices, row 0 at the top."""
+    z = _as_map(attention)
+    fig = go.Figure(_cell_heatmap(z, colorscale, show_scale))
+    if marker_cell is not None:
+        r, c = marker_cell
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                      line={"color": "red", "width": 2})
+    _cell_axes(fig, z.shape)
+    return _style(fig, height, title)
+
+
+def attention_overlay(
+    display: DisplayImage, attention: np.ndarray, grid: FeatureGrid, *, opacity: float = 0.6,
+    colorscale: str = "Viridis", smooth: bool = False, box: Box | None = None,
+    marker: tuple[float, float, float, float] | None = None, title: str | None = None,
+    height: int = 500,
+) -> go.Figure:
+    """The photo with the (h, w) map drawn over it where each cell truly lies.
+
+    ``box`` (x0, y0, x1, y1) and ``marker`` (x, y, rx, ry), an ellipse, are in original pixels.
+    """
+    _check_display(display, grid)
+    fig = go.Figure([_photo(display), _overlay(attention, grid, opacity, colorscale, smooth)])
+    if box is not None:
+        fig.add_trace(_box(box, "white", None))
+    if marker is not None:
+        _add_marker(fig, marker)
+    _photo_axes(fig, display.original_size)
+    return _style(fig, height, title)
+
+
+def decoder_grid(
+    display: DisplayImage, grid: FeatureGrid, detections: list[Detection], maps: np.ndarray,
+    *, opacity: float = 0.6, colorscale: str = "Viridis", smooth: bool = False,
+    height_per_row: int = 260,
+) -> go.Figure:
+    """The notebook's figure for a page of n detections: 2 rows x n columns.
+
+    Top: each query's (n, h, w) ``maps[i]`` at feature resolution, titled "query 17: cup 0.98";
+    bottom: the photo with that query's box and its map overlaid. n = 0 gives a note.
+    """
+    _check_display(display, grid)
+    maps = np.asarray(maps, dtype=np.float32)
+    n = len(detections)
+    if maps.shape != (n, *grid.shape):
+        raise ArgumentError(f"maps have shape {maps.shape}; {n} detections on a "
+                            f"{grid.shape[0]}x{grid.shape[1]} grid need {(n, *grid.shape)}.")
+    if n == 0:
+        return _blank(NO_DETECTIONS, 2 * height_per_row)
+    titles = [f"query {d.query}: {d.name} {d.score:.2f}" for d in detections]
+    fig = make_subplots(rows=2, cols=n, subplot_titles=titles + [""] * n,
+                        horizontal_spacing=min(0.02, 1 / max(n - 1, 1)), vertical_spacing=0.06)
+    for i, (det, attention) in enumerate(zip(detections, maps, strict=True)):
+        fig.add_trace(_cell_heatmap(attention, colorscale, False), row=1, col=i + 1)
+        _cell_axes(fig, grid.shape, row=1, col=i + 1)
+        fig.add_trace(_photo(display), row=2, col=i + 1)
+        fig.add_trace(_overlay(attention, grid, opacity, colorscale, smooth), row=2, col=i + 1)
+        fig.add_trace(_box(det.box, PALETTE[i % len(PALETTE)], _describe(det)), row=2, col=i + 1)
+        _photo_axes(fig, display.original_size, row=2, col=i + 1)
+    return _style(fig, 2 * height_per_row, None)
+
+
+def encoder_panels(
+    display: DisplayImage, grid: FeatureGrid, points: Sequence[tuple[float, float]],
+    maps: Sequence[np.ndarray], *, opacity: float = 0.6, colorscale: str = "Viridis",
+    smooth: bool = False, title_fmt: str = "point ({x:.0f}, {y:.0f}) -> cell ({row}, {col})",
+    height: int = 400,
+) -> go.Figure:
+    """Encoder self-attention around each chosen point, panels side by side.
+
+    ``points``: (x, y) in original pixels; ``maps[i]``: (h, w) map of point i. Each panel marks
+    the point's cell with a circle of radius stride / 2 (input pixels) at the cell centre.
+    ``title_fmt`` is formatted with x, y, row and col.
+    """
+    _check_display(display, grid)
+    if len(points) != len(maps):
+        raise ArgumentError(f"{len(points)} points but {len(maps)} attention maps.")
+    if not points:
+        return _blank(NO_POINTS, height)
+    cells = [grid.cell_at(x, y) for x, y in points]
+    titles = [title_fmt.format(x=x, y=y, row=r, col=c)
+              for (x, y), (r, c) in zip(points, cells, strict=True)]
+    n = len(points)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=titles, horizontal_spacing=0.02)
+    for i, (attention, cell) in enumerate(zip(maps, cells, strict=True)):
+        fig.add_trace(_photo(display), row=1, col=i + 1)
+        fig.add_trace(_overlay(attention, grid, opacity, colorscale, smooth), row=1, col=i + 1)
+        _add_marker(fig, (*grid.cell_center(*cell), *grid.cell_radius()), row=1, col=i + 1)
+        _photo_axes(fig, display.original_size, row=1, col=i + 1)
+    return _style(fig, height, None)
+
+
+def _photo(display: DisplayImage) -> go.Image:
+    """The photo spanning exactly [0, W] x [0, H]: pixel i's centre is at (i + 0.5) * dx."""
+    dx, dy = display.pixel_size
+    return go.Image(source=display.source, x0=dx / 2, y0=dy / 2, dx=dx, dy=dy,
+                    hoverinfo="skip", name="photo")
+
+
+def _overlay(attention: np.ndarray, grid: FeatureGrid, opacity: float, colorscale: str,
+             smooth: bool) -> go.Heatmap:
+    """(h, w) map whose cell (r, c) spans original pixels [c*s/sx, (c+1)*s/sx) x (rows)."""
+    z = _as_map(attention)
+    if z.shape != grid.shape:
+        raise ArgumentError(f"attention map has shape {z.shape} but the feature grid is "
+                            f"{grid.shape[0]}x{grid.shape[1]}.")
+    (sx, sy), s = grid.scale, grid.stride
+    dx, dy = s / sx, s / sy
+    h, w = z.shape
+    text = [[f"row {r}, col {c}" for c in range(w)] for r in range(h)]
+    return go.Heatmap(
+        z=z, x0=dx / 2, dx=dx, y0=dy / 2, dy=dy, zsmooth="best" if smooth else False,
+        opacity=opacity, colorscale=colorscale, showscale=False, text=text,
+        hovertemplate="%{text}: %{z:.4g}<extra></extra>", name="attention",
+    )
+
+
+def _cell_heatmap(z: np.ndarray, colorscale: str, show_scale: bool) -> go.Heatmap:
+    """(h, w) map with cell (r, c) centred on x = c, y = r."""
+    return go.Heatmap(
+        z=_as_map(z), x0=0, dx=1, y0=0, dy=1, colorscale=colorscale, showscale=show_scale,
+        hovertemplate="row %{y}, col %{x}: %{z:.4g}<extra></extra>", name="attention",
+    )
+
+
+def _box(box: Box, color: str, hover: str | None) -> go.Scatter:
+    """A closed rectangle outline (x0, y0, x1, y1); hovering anywhere inside shows ``hover``."""
+    x0, y0, x1, y1 = box
+    return go.Scatter(
+        x=[x0, x1, x1, x0, x0], y=[y0, y0, y1, y1, y0], mode="lines",
+        line={"color": color, "width": 3}, fill="toself", fillcolor="rgba(0,0,0,0)",
+        hoveron="fills+points" if hover else "points", text=hover,
+        hoverinfo="text" if hover else "skip", showlegend=False, name="box",
+    )
+
+
+def _describe(det: Detection) -> str:
+    x0, y0, x1, y1 = (round(v) for v in det.box)
+    return (f"query {det.query}<br>class {det.name}<br>score {det.score:.2f}"
+            f"<br>box ({x0}, {y0}, {x1}, {y1})")
+
+
+def _add_marker(fig: go.Figure, marker: tuple[float, float, float, float], **where) -> None:
+    x, y, rx, ry = marker
+    fig.add_shape(type="circle", x0=x - rx, x1=x + rx, y0=y - ry, y1=y + ry,
+                  line={"color": "red", "width": 2}, **where)
+
+
+def _photo_axes(fig: go.Figure, size: tuple[int, int], row=None, col=None) -> None:
+    """Clip to [0, W] x [H, 0] (y down), one unit per pixel on both axes, no ticks."""
+    width, height = size
+    anchor = fig.get_subplot(row, col).yaxis.anchor if row else "x"
+    fig.update_xaxes(range=[0, width], constrain="domain", visible=False, row=row, col=col)
+    fig.update_yaxes(range=[height, 0], scaleanchor=anchor, scaleratio=1, constrain="domain",
+                     constraintoward="top", visible=False, row=row, col=col)
+
+
+def _cell_axes(fig: go.Figure, shape: tuple[int, int], row=None, col=None) -> None:
+    """Cell-index axes, row 0 at the top, square cells."""
+    h, w = shape
+    anchor = fig.get_subplot(row, col).yaxis.anchor if row else "x"
+    fig.update_xaxes(range=[-0.5, w - 0.5], constrain="domain", visible=False, row=row, col=col)
+    fig.update_yaxes(range=[h - 0.5, -0.5], scaleanchor=anchor, scaleratio=1,
+                     constrain="domain", constraintoward="top", visible=False, row=row, col=col)
+
+
+def _as_map(attention: np.ndarray) -> np.ndarray:
+    z = np.asarray(attention, dtype=np.float32)
+    if z.ndim != 2:
+        raise ArgumentError(f"an attention map must be 2-D (h, w), not shape {z.shape}.")
+    return z
+
+
+def _check_display(display: DisplayImage, grid: FeatureGrid) -> None:
+    if tuple(display.original_size) != tuple(grid.original_size):
+        raise ArgumentError(f"the photo is {display.original_size} but the analysis was of a "
+                            f"{grid.original_size} image; analyse this photo first.")
+
+
+def _blank(message: str, height: int) -> go.Figure:
+    fig = _style(go.Figure(), height, None)
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper",
+                       showarrow=False, font={"size": 16})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def _style(fig: go.Figure, height: int, title: str | None) -> go.Figure:
+    fig.update_annotations(font_size=12, selector={"xref": "paper"})
+    fig.update_layout(height=height, margin=_MARGIN, showlegend=False,
+                      plot_bgcolor="rgba(0,0,0,0)", title={"text": title} if title else None)
+    return fig

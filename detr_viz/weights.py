@@ -1,0 +1,251 @@
+"""Find, download, vet and load DETR checkpoints; a checkpoint file can never run code.
+
+:func:`load_model` takes the first of: the explicit ``checkpoint`` path;
+``$DETR_VIZ_WEIGHTS/<official name>``; ``<torch.hub.get_dir()>/checkpoints/<official name>``;
+a download of ``CHECKPOINT_URL + <official name>`` into that hub folder. A download streams into
+a temporary file beside its destination, is checked against the SHA-256 prefix in its name, and
+only then takes the final name, so a half file never sits there. Files are read with
+``torch.load(weights_only=True)`` only, and the state dict's keys and shapes are compared with the
+variant's before loading: a foreign, damaged or wrong-variant file raises a typed
+:class:`~detr_viz.errors.WeightsError` saying what to do, never a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from detr_viz.download import (
+    WEIGHTS_ENV,
+    Progress,
+    download_checkpoint,
+    manual_advice,
+    verify_hash,
+)
+from detr_viz.errors import (
+    CorruptCheckpointError,
+    NotADetrCheckpointError,
+    UnsafeCheckpointError,
+    WeightsUnavailableError,
+    WrongVariantError,
+)
+from detr_viz.model import CHECKPOINT_URL, DETR, VARIANTS, Variant, build_model, get_variant
+
+Downloader = Callable[[str, Path, Progress | None], Path]  # (url, dest, progress) -> dest
+Shapes = dict[str, tuple[int, ...]]
+
+
+def load_model(
+    variant: str = "detr_resnet50",
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    *,
+    download: bool | Downloader | None = None,
+) -> DETR:
+    """``variant`` with its weights loaded (``strict=True``), in eval mode.
+
+    ``download``: None or True uses :func:`download_checkpoint`; False never downloads (a missing
+    file raises :class:`WeightsUnavailableError`); a callable ``(url, dest, progress) -> path``
+    replaces the downloader. ``progress(done, total)`` reports download bytes.
+    """
+    path = resolve_checkpoint(variant, checkpoint, progress, download=download)
+    state = load_checkpoint(path, variant)
+    model = build_model(variant)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def hub_checkpoint_dir() -> Path:
+    """torch hub's checkpoint folder, read now (honours TORCH_HOME and torch.hub.set_dir)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def checkpoint_url(variant: str) -> str:
+    """Where the official checkpoint of ``variant`` is downloaded from."""
+    return CHECKPOINT_URL + get_variant(variant).checkpoint
+
+
+def checkpoint_candidates(variant: str) -> list[Path]:
+    """Where :func:`load_model` looks for the official file, in order ($DETR_VIZ_WEIGHTS first)."""
+    name = get_variant(variant).checkpoint
+    folder = os.environ.get(WEIGHTS_ENV)
+    folders = [Path(folder).expanduser()] if folder else []
+    return [f / name for f in [*folders, hub_checkpoint_dir()]]
+
+
+def find_checkpoint(variant: str) -> Path | None:
+    """The first candidate file that exists, or None (then :func:`load_model` downloads)."""
+    return next((p for p in checkpoint_candidates(variant) if p.is_file()), None)
+
+
+def resolve_checkpoint(
+    variant: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    *,
+    download: bool | Downloader | None = None,
+) -> Path:
+    """The file :func:`load_model` reads, downloading the official one into the hub cache if
+    no candidate exists (see :func:`load_model` for ``download``)."""
+    name = get_variant(variant).checkpoint
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise WeightsUnavailableError(
+                f"Checkpoint file {path} does not exist. Check the path, or leave the checkpoint "
+                f"empty to use the official {name}."
+            )
+        return path
+    found = find_checkpoint(variant)
+    if found is not None:
+        return found
+    if download is False:
+        places = ", ".join(map(str, checkpoint_candidates(variant)))
+        raise WeightsUnavailableError(
+            f"No checkpoint for {variant}: looked for {places}, and downloads are off. "
+            + manual_advice(name, hub_checkpoint_dir())
+        )
+    downloader = download_checkpoint if download is None or download is True else download
+    return Path(downloader(checkpoint_url(variant), hub_checkpoint_dir() / name, progress))
+
+
+def load_checkpoint(path: str | os.PathLike[str], variant: str) -> dict[str, Tensor]:
+    """The state dict in ``path``, vetted for ``variant``: file name, contents, shapes.
+
+    Files in the hub cache are also checked against the SHA-256 prefix in their name; files
+    the user points to (``checkpoint=`` or ``$DETR_VIZ_WEIGHTS``) are vetted by content only.
+    """
+    path = Path(path)
+    owner = next((n for n, v in VARIANTS.items() if v.checkpoint == path.name), variant)
+    if owner != variant:  # DC5 and non-DC5 have equal shapes: only the name tells them apart
+        raise WrongVariantError(
+            f"{path.name} is the official checkpoint of {owner}, not of {variant}. Choose "
+            f"{owner}, or use {get_variant(variant).checkpoint} for {variant}."
+        )
+    if path.parent == hub_checkpoint_dir():  # what we (or torch hub) downloaded, as released
+        verify_hash(path)
+    return check_state_dict(read_checkpoint(path), variant, source=str(path))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The state dict (name -> CPU tensor) in ``path``, bare or under the key ``"model"``.
+
+    Always ``torch.load(weights_only=True)``: a file holding code is refused, never run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path} is not a checkpoint file (missing or a folder).")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # an opcode no pickler writes: a garbled file
+            raise _corrupt(path) from exc
+        raise UnsafeCheckpointError(
+            f"Refused to load {path}: it contains code, not just weights; detr-viz never runs "
+            "code from checkpoint files. Use a checkpoint that holds only a state dict."
+        ) from exc
+    except OSError as exc:
+        raise WeightsUnavailableError(f"Cannot read {path}: {exc}") from exc
+    except Exception as exc:  # torch.load reports damage as RuntimeError, EOFError, KeyError...
+        raise _corrupt(path) from exc
+    return _state_dict_of(obj, path)
+
+
+def _corrupt(path: Path) -> CorruptCheckpointError:
+    size = path.stat().st_size
+    return CorruptCheckpointError(
+        f"{path} is damaged or incomplete ({size} bytes); delete it and download again."
+    )
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
+    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
+    if (
+        isinstance(state, Mapping)
+        and state
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
+    ):
+        return dict(state)
+    keys = f" with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping) else ""
+    raise NotADetrCheckpointError(
+        f"{path} holds a {type(obj).__name__}{keys}, not a DETR state dict (a dict of tensors, "
+        'bare or under the key "model").'
+    )
+
+
+def _shapes_of(variant: str) -> Shapes:
+    """The state-dict keys and shapes of ``variant`` (shared, do not modify)."""
+    spec = get_variant(variant)
+    return _shapes(spec.backbone, spec.dilation)
+
+
+@functools.cache
+def _shapes(backbone: str, dilation: bool) -> Shapes:
+    with torch.device("meta"):  # no memory, no init cost: R101 takes ~50 ms instead of ~1 s
+        model = DETR(Variant("shapes", backbone, dilation, ""))
+    return {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
+def check_state_dict(
+    state: Mapping[str, Tensor], variant: str, source: str = "The checkpoint"
+) -> dict[str, Tensor]:
+    """``state`` without ``num_batches_tracked`` entries, if its keys and shapes are exactly
+    ``variant``'s; otherwise :class:`WrongVariantError` (another backbone, or a DETR with other
+    heads) or :class:`NotADetrCheckpointError`, naming ``source``."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    actual = {k: tuple(v.shape) for k, v in state.items()}
+    if actual == _shapes_of(variant):
+        return state
+    fits = [name for name in VARIANTS if _shapes_of(name) == actual]
+    if fits:
+        theirs, ours = _label(fits[0]), _label(variant)
+        raise WrongVariantError(
+            f"{source} is for {' / '.join(fits)} ({theirs}), not {variant} ({ours}); choose "
+            f"that backbone or use a {ours} checkpoint."
+        )
+    if not {"class_embed.weight", "query_embed.weight"} & actual.keys():
+        examples = ", ".join(list(actual)[:3])
+        raise NotADetrCheckpointError(
+            f"{source} is not a DETR checkpoint: it holds {len(actual)} tensors such as "
+            f"{examples}; {variant} needs keys such as transformer.encoder.layers.0.self_attn."
+            "in_proj_weight and class_embed.weight."
+        )
+    raise WrongVariantError(_mismatch_message(source, variant, actual))
+
+
+def _label(variant: str) -> str:
+    return "ResNet-" + get_variant(variant).backbone.removeprefix("resnet")
+
+
+def _mismatch_message(source: str, variant: str, actual: Shapes) -> str:
+    """Name the closest supported variant and its first few differences from ``actual``."""
+    closest = min(VARIANTS, key=lambda n: (len(_differences(actual, _shapes_of(n))), n != variant))
+    diffs = _differences(actual, _shapes_of(closest))
+    more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+    return (
+        f"{source} is a DETR checkpoint, but not one for {variant} or any variant detr-viz "
+        f"supports (the released COCO models: 91 classes, 100 queries). Closest is {closest}: "
+        + "; ".join(diffs[:5])
+        + more
+        + "."
+    )
+
+
+def _differences(actual: Shapes, expected: Shapes) -> list[str]:
+    def fmt(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape)) or "scalar"
+
+    out = [
+        f"{k} is {fmt(actual[k])} in the file, {fmt(s)} in the model"
+        for k, s in expected.items()
+        if k in actual and actual[k] != s
+    ]
+    out += [f"{k} is missing" for k in expected if k not in actual]
+    return out + [f"{k} is unexpected" for k in actual if k not in expected]
