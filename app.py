@@ -20,7 +20,12 @@ from detr_viz import DETR, Analysis, DetrVizError, analyze, export, figures, loa
 from detr_viz.analysis import INCOMING, OUTGOING
 from detr_viz.display import DisplayImage, display_image, display_to_original
 from detr_viz.model import VARIANTS
-from detr_viz.weights import find_checkpoint, load_model, resolve_checkpoint
+from detr_viz.weights import (
+    find_checkpoint,
+    is_official_release,
+    load_model,
+    resolve_checkpoint,
+)
 
 SAMPLE = Path(__file__).parent / "detr_viz" / "assets" / "coffee.jpg"
 UPLOAD_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "heic", "heif", "avif", "bmp", "tif",
@@ -45,6 +50,11 @@ class Photo:
 @st.cache_resource(show_spinner=False, max_entries=2)
 def get_model(variant: str, checkpoint: str) -> DETR:
     return load_model(variant, checkpoint=checkpoint)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def is_release(variant: str, checkpoint: str) -> bool:
+    return is_official_release(checkpoint, variant)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -169,24 +179,29 @@ def marked(photo: Photo, analysis: Analysis, point: tuple[float, float] | None) 
     return image
 
 
+def take_click(photo: Photo, analysis: Analysis, points: list[tuple[float, float]]) -> None:
+    """Add the click component's latest click (read from its state) to ``points``, once."""
+    click = st.session_state.get(f"click-{photo.digest}")
+    seen = f"seen-{photo.digest}"
+    if not click or click.get("unix_time") == st.session_state.get(seen):
+        return
+    st.session_state[seen] = click.get("unix_time")
+    point = display_to_original(click["x"], click["y"], (click["width"], click["height"]),
+                                analysis.original_size)
+    points[:] = (points + [point])[-MAX_POINTS:]
+
+
 @st.fragment
 def encoder_section(analysis: Analysis, photo: Photo, view: export.View, style: dict,
                     points: list[tuple[float, float]]) -> None:
+    take_click(photo, analysis, points)  # before drawing, so the image shows the new point
     left, right = st.columns([1, 1])
     with left:
-        st.caption("Click the photo to pick a reference point.")
-        click = streamlit_image_coordinates(
+        st.caption("Click the photo to pick a reference point (the last four are kept).")
+        streamlit_image_coordinates(
             marked(photo, analysis, points[-1] if points else None), key=f"click-{photo.digest}",
             use_column_width="always", image_format="JPEG", jpeg_quality=85, cursor="crosshair")
-        if click and click.get("unix_time") != st.session_state.get(f"seen-{photo.digest}"):
-            st.session_state[f"seen-{photo.digest}"] = click.get("unix_time")
-            point = display_to_original(click["x"], click["y"], (click["width"], click["height"]),
-                                        analysis.original_size)
-            points[:] = (points + [point])[-MAX_POINTS:]
-            st.rerun(scope="fragment")
-        if st.button("Clear points", disabled=not points):
-            points.clear()
-            st.rerun(scope="fragment")
+        st.button("Clear points", disabled=not points, on_click=points.clear)
     maps = [analysis.encoder_attention(p, view.encoder_layer, view.head, view.direction)
             for p in points]
     with right:
@@ -246,6 +261,10 @@ def main() -> None:
     except DetrVizError as error:
         st.error(str(error))
         return
+    if not is_release(variant, checkpoint):
+        st.warning(f"These weights ({checkpoint}) are not the official {variant} release (their "
+                   "SHA-256 differs), so the page shows what these weights do, not what the "
+                   "published DETR detects.")
     summary(analysis, name, view, count_slot)
     points = points_of(photo, analysis)
     st.subheader("Detections")

@@ -126,16 +126,21 @@ def hash_prefix(name: str) -> str | None:
     return prefix if re.fullmatch(r"[0-9a-f]{6,64}", prefix) else None
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path`` as hex, read in 1 MiB chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
 def verify_hash(path: Path) -> None:
     """Raise :class:`CorruptCheckpointError` if ``path`` fails the hash prefix in its name."""
     expected = hash_prefix(path.name)
     if expected is None:
         return
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            sha.update(chunk)
-    if not sha.hexdigest().startswith(expected):
+    if not file_sha256(path).startswith(expected):
         raise CorruptCheckpointError(
             f"{path} fails its SHA-256 check (its name says {expected}): it is damaged or "
             f"incomplete. Delete {path} and download it again."

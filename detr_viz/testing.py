@@ -39,3 +39,49 @@ def recipe_input(height: int, width: int) -> Tensor:
     """The recipe's already-normalised input: (1, 3, height, width) float32."""
     g = torch.Generator().manual_seed(height * 10007 + width)
     return torch.randn(1, 3, height, width, generator=g)
+
+
+def planted_state_dict(model: torch.nn.Module, sharpness: float = 3.0) -> dict[str, Tensor]:
+    """Recipe weights changed so that scores spread out: for exercising the app, not detecting.
+
+    Under the plain recipe every object query gives nearly the same output (scores all about
+    0.13). Three planted changes make queries differ: the encoder's attention projections are
+    zeroed (each feature cell keeps its own content), the object-query embeddings are scaled up
+    30x (each query attends to its own cells) and the class head is scaled by ``sharpness``.
+    With the default, a photo gets a few queries above 0.9, about half above 0.7 and most above
+    0.5. The class names it predicts mean nothing.
+    """
+    state = recipe_state_dict(model)
+    for name in state:
+        if name.startswith("transformer.encoder.") and name.endswith("in_proj_weight"):
+            state[name] = torch.zeros_like(state[name])
+    state["query_embed.weight"] = state["query_embed.weight"] * 30
+    state["class_embed.weight"] = state["class_embed.weight"] * sharpness
+    return state
+
+
+def write_weights_folder(folder: str, variants: tuple[str, ...] = ("detr_resnet50",
+                                                                 "detr_resnet50_dc5")) -> None:
+    """Save planted stand-in checkpoints under the official file names in ``folder``.
+
+    Point ``DETR_VIZ_WEIGHTS`` at it to run the app (or its tests) without the real weights.
+    """
+    from pathlib import Path
+
+    from detr_viz.model import build_model, get_variant
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        path = out / get_variant(variant).checkpoint
+        if not path.exists():
+            model = build_model(variant)
+            torch.save({"model": planted_state_dict(model)}, path)
+
+
+if __name__ == "__main__":  # python -m detr_viz.testing FOLDER [VARIANT ...]
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m detr_viz.testing FOLDER [VARIANT ...]")
+    write_weights_folder(sys.argv[1], tuple(sys.argv[2:]) or ("detr_resnet50", "detr_resnet50_dc5"))
