@@ -7,7 +7,9 @@ served through $DETR_VIZ_WEIGHTS, so that a photo gets a spread of scores.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
+import hashlib
 import io
 import json
 import urllib.error
@@ -20,9 +22,9 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from detr_viz import analyze, load_model
+from detr_viz import analyze, load_model, weights
 from detr_viz.display import display_to_original
-from detr_viz.model import DETR
+from detr_viz.model import DETR, VARIANTS
 from detr_viz.testing import write_weights_folder
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -52,8 +54,6 @@ def oracle(weights_dir):
 
 
 def _name(variant: str) -> str:
-    from detr_viz.model import VARIANTS
-
     return VARIANTS[variant].checkpoint
 
 
@@ -268,3 +268,57 @@ def test_missing_weights_offline_names_file_and_folder(monkeypatch, tmp_path):
     assert "detr-r50-e632da11.pth" in message and str(empty) in message
     assert "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth" in message
     assert not at.get("plotly_chart")
+
+
+class FakeResponse(io.BytesIO):
+    """What urlopen returns, serving ``data`` with a Content-Length header."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+
+def test_first_run_downloads_with_progress(monkeypatch, weights_dir, tmp_path):
+    """No local weights: the page downloads the checkpoint, reporting progress, then works."""
+    data = (weights_dir / _name(R50)).read_bytes()
+    name = f"detr-r50-{hashlib.sha256(data).hexdigest()[:8]}.pth"  # a name the bytes satisfy
+    monkeypatch.setitem(VARIANTS, R50, dataclasses.replace(VARIANTS[R50], checkpoint=name))
+    empty = tmp_path / "none"
+    empty.mkdir()
+    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(empty))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    urls = []
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: urls.append(url) or FakeResponse(data))
+    reports: list[tuple[int, int | None]] = []
+    real = weights.download_checkpoint
+
+    def recording(url, dest, progress=None, **kwargs):
+        def report(done, total):
+            reports.append((done, total))
+            progress(done, total)  # the page's progress bar
+        return real(url, dest, report, **kwargs)
+
+    monkeypatch.setattr(weights, "download_checkpoint", recording)
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    assert_clean(at)
+    assert urls == [f"https://dl.fbaipublicfiles.com/detr/{name}"]
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / name).read_bytes() == data
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and done[-1] == len(data) and len(reports) > 10
+    assert all(total == len(data) for _, total in reports)
+    assert not at.warning  # the file is the (patched) official release: no warning
+    assert "decoder-grid" in charts(at)
+    st.cache_resource.clear()
+
+
+def test_camera_photo(app, oracle):
+    data = photo_bytes(size=(640, 480), fmt="JPEG", seed=5)
+    app.run()
+    app.radio[0].set_value("Take a photo").run()
+    app.camera_input[0].upload("camera.jpg", data).run()
+    assert_clean(app)
+    assert any(c.value.startswith("camera.jpg: 640x480 px") for c in app.caption)
+    assert sidebar_count(app) == len(oracle(data).detections(0.9))
