@@ -60,8 +60,9 @@ def is_release(variant: str, checkpoint: str) -> bool:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def get_photo(digest: str, _data: bytes) -> Photo:
     image = load_image(_data)
-    click = image.copy()
-    click.thumbnail((CLICK_SIDE, CLICK_SIDE), Image.Resampling.LANCZOS)
+    scale = min(1.0, CLICK_SIDE / max(image.size))  # never enlarged, never a full-size copy
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    click = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return Photo(digest, image, display_image(image), click)
 
 
@@ -151,7 +152,10 @@ def decoder_section(analysis: Analysis, photo: Photo, view: export.View, style: 
         page = st.pagination(pages, key=f"page-{photo.digest}")
     shown = detections[(page - 1) * per_page: page * per_page]
     maps = analysis.decoder_attentions([d.query for d in shown], view.decoder_layer, view.head)
-    fig = figures.decoder_grid(photo.display, analysis.grid, shown, maps, **style)
+    width, height = analysis.original_size  # rows as tall as a column's photo, plus a title
+    row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
+    fig = figures.decoder_grid(photo.display, analysis.grid, shown, maps, height_per_row=row,
+                               **style)
     st.plotly_chart(fig, key="decoder-grid")
 
 
