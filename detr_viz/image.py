@@ -23,6 +23,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from detr_viz.errors import ArgumentError, ImageError
 
 MAX_PIXELS = 120_000_000  # default limit on width * height, checked before decoding
+# Raster formats a photo can come in. Others Pillow knows (EPS runs Ghostscript, WMF, FITS,
+# GRIB, ...) are refused as "not an image" rather than handed to their decoders.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "GIF", "BMP", "DIB", "TIFF", "ICO",
+                 "TGA", "PPM", "QOI", "JPEG2000")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -103,7 +107,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
     heif = _ensure_heif_opener()
     with io.BytesIO(data) as buffer:  # closed on return: the result keeps no encoded bytes
         try:
-            image = Image.open(buffer)  # reads the header only
+            image = Image.open(buffer, formats=PHOTO_FORMATS)  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(_too_large(str(exc), max_pixels)) from exc
         except UnidentifiedImageError as exc:
@@ -189,7 +193,15 @@ def _upright_rgb(image: Image.Image, kind: str, *, in_place: bool) -> Image.Imag
             image = ImageOps.exif_transpose(image)
     except Exception:  # unreadable EXIF: keep the pixels as stored rather than refuse the photo
         image = image if in_place else image.copy()
-    return _to_rgb(image)
+    try:
+        return _to_rgb(image)
+    except MemoryError as exc:
+        raise ImageError(f"Not enough memory to decode this {kind}. Use a smaller image.") from exc
+    except Exception as exc:  # inconsistent colour data: a palette image without PLTE, say
+        raise ImageError(
+            f"The {kind} is damaged: its colours cannot be read "
+            f"({str(exc) or type(exc).__name__}). Re-save or re-download it and try again."
+        ) from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

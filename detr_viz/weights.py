@@ -157,8 +157,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported operand" in str(exc):  # an opcode no pickler writes: a garbled file
-            raise _corrupt(path) from exc
+        if "Unsupported operand" in str(exc):  # garbled, or pickle protocol 4/5 opcodes
+            raise CorruptCheckpointError(
+                f"{path} cannot be read safely ({path.stat().st_size} bytes): it is damaged (then"
+                " delete it and download again), or it was saved with a pickle protocol the safe"
+                " loader does not read (then re-save it with torch.save's default protocol)."
+            ) from exc
         raise UnsafeCheckpointError(
             f"Refused to load {path}: it contains code, not just weights; detr-viz never runs "
             "code from checkpoint files. Use a checkpoint that holds only a state dict."

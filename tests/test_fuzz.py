@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 import struct
 import time
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,6 +37,16 @@ MAX_PIXELS = 100_000  # small limit: a mutated size field is refused rather than
 TIME_LIMIT = 10.0  # seconds per call: a generous hang guard, not a speed test
 TINY = {"short_side": 32, "max_size": 64}  # analyze on inputs of at most 64 pixels a side
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread for these many small forward passes: on a 2-core machine, OpenMP
+    threads spinning against any other busy process made them 10-20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def fuzz(examples: int) -> settings:
@@ -146,14 +158,10 @@ def mutate(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-EDITS = st.lists(
-    st.tuples(
-        st.sampled_from(["flip", "set", "insert", "delete", "cut", "copy", "int"]),
-        st.one_of(st.integers(0, 96), st.integers(0, 1 << 16)),  # header-heavy offsets
-        st.binary(min_size=1, max_size=8),
-    ),
-    min_size=1,
-    max_size=6,
+EDIT = st.tuples(
+    st.sampled_from(["flip", "set", "insert", "delete", "cut", "copy", "int"]),
+    st.one_of(st.integers(0, 96), st.integers(0, 1 << 16)),  # header-heavy offsets
+    st.binary(min_size=1, max_size=8),
 )
 
 
@@ -203,14 +211,33 @@ def test_seeds_are_valid_files_of_their_format():
         assert len(data) < 4000, name
 
 
-@fuzz(500)
-@given(name=st.sampled_from(sorted(SEEDS)), edits=EDITS, repair_crcs=st.booleans())
-def test_mutated_files_give_an_image_or_a_detr_viz_error(name, edits, repair_crcs):
-    data = mutate(SEEDS[name], edits)
-    check_load(fix_png_crcs(data) if repair_crcs else data)
+@st.composite
+def damaged_files(draw, max_edits: int = 6) -> bytes:
+    """A seed with 1 to max_edits edits; PNG CRCs repaired half the time (else Pillow stops
+    at the first edited chunk)."""
+    edits = draw(st.lists(EDIT, min_size=1, max_size=max_edits))
+    data = mutate(SEEDS[draw(st.sampled_from(sorted(SEEDS)))], edits)
+    return fix_png_crcs(data) if draw(st.booleans()) else data
 
 
-@fuzz(150)
+@st.composite
+def damaged_pixels(draw) -> bytes:
+    """A seed with 1 to 3 bytes changed past its first third, where the pixel data lies, CRCs
+    repaired: most still decode, to garbled or cut-off pixels, and so reach the model."""
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    rng = random.Random(draw(st.integers(0, 2**32)))  # uniform places: most files still decode
+    for _ in range(rng.randint(1, 3)):
+        data[rng.randrange(len(data) // 3, len(data))] = rng.randrange(256)
+    return fix_png_crcs(bytes(data))
+
+
+@fuzz(2000)
+@given(damaged_files())
+def test_mutated_files_give_an_image_or_a_detr_viz_error(data):
+    check_load(data)
+
+
+@fuzz(600)
 @given(magic=st.sampled_from(MAGICS), tail=st.binary(max_size=2000))
 def test_random_bytes_behind_a_real_signature(magic, tail):
     """Past the signature check, straight into each format plugin's header parser."""
@@ -218,8 +245,23 @@ def test_random_bytes_behind_a_real_signature(magic, tail):
 
 
 # PNG colour types and the bit depths each allows (PNG spec, table 11.1).
-PNG_MODES = [(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4),
-             (3, 8), (4, 8), (4, 16), (6, 8), (6, 16)]
+PNG_MODES = [
+    (0, 1),
+    (0, 2),
+    (0, 4),
+    (0, 8),
+    (0, 16),
+    (2, 8),
+    (2, 16),
+    (3, 1),
+    (3, 2),
+    (3, 4),
+    (3, 8),
+    (4, 8),
+    (4, 16),
+    (6, 8),
+    (6, 16),
+]
 
 
 def png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -250,7 +292,7 @@ def png_files(draw) -> bytes:
     return PNG_SIGNATURE + b"".join(png_chunk(kind, body) for kind, body in chunks)
 
 
-@fuzz(300)
+@fuzz(1000)
 @given(png_files())
 def test_any_combination_of_png_chunks(data):
     """Found by fuzzing: a palette PNG without PLTE, or with a tRNS longer than its palette,
@@ -263,15 +305,25 @@ def model():
     return recipe_model("detr_resnet50")
 
 
-@fuzz(40)
-@given(name=st.sampled_from(sorted(SEEDS)), edits=EDITS)
-def test_analyze_on_mutated_files_gives_an_analysis_or_a_detr_viz_error(model, name, edits):
-    result = timed(analyze, model, fix_png_crcs(mutate(SEEDS[name], edits)), **TINY)
+@fuzz(100)
+@given(damaged_pixels())
+def test_analyze_on_files_with_damaged_pixels(model, data):
+    """Most of these still decode, to garbled pixels: an Analysis with finite scores, or a
+    DetrVizError, nothing else."""
+    result = timed(analyze, model, data, **TINY)
     if not isinstance(result, DetrVizError):
         assert_valid_analysis(result)
 
 
-@fuzz(25)
+@fuzz(150)
+@given(st.one_of(damaged_files(), st.binary(max_size=500)))
+def test_analyze_on_damaged_headers_and_random_bytes(model, data):
+    result = timed(analyze, model, data, **TINY)
+    if not isinstance(result, DetrVizError):
+        assert_valid_analysis(result)
+
+
+@fuzz(30)
 @given(
     width=st.one_of(st.integers(1, 4), st.integers(1, 3000)),
     height=st.one_of(st.integers(1, 4), st.integers(1, 3000)),
@@ -315,6 +367,7 @@ def test_corpus_file(path, model):
     assert_valid_analysis(analyze(model, result, **TINY))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow: "Corrupt EXIF data", as intended
 @pytest.mark.parametrize(
     "path", sorted(CORPUS.glob("accept-jpeg-exif-*.jpg")), ids=lambda p: p.name
 )
@@ -322,5 +375,7 @@ def test_unusable_exif_orientation_keeps_the_pixels_as_stored(path):
     """Orientation 0, 9, 65535, as text, a huge count, a cut IFD: no turn, the same pixels."""
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as stored:
+        assert "exif" in stored.info  # the segment is there; its orientation is unusable
+        assert stored.getexif().get(0x0112) not in range(1, 9)
         expected = np.asarray(stored.convert("RGB"))
     assert np.array_equal(np.asarray(load_image(data)), expected)

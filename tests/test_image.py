@@ -679,3 +679,11 @@ def test_model_input_checks_its_shapes():
         ModelInput(torch.zeros(1, 3, 10, 20), (40, 20), (10, 20))
     with pytest.raises(ArgumentError, match="original_size"):
         ModelInput(torch.zeros(1, 3, 10, 20), (0, 20), (20, 10))
+
+
+def test_postscript_and_other_non_photo_formats_are_refused(tmp_path):
+    """EPS would be handed to Ghostscript; detr-viz only opens raster photo formats."""
+    path = tmp_path / "drawing.eps"
+    Image.new("RGB", (8, 8), "red").save(path, format="EPS")
+    with pytest.raises(ImageError):
+        load_image(path)

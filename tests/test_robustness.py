@@ -9,6 +9,8 @@ bombs of every format are timed and weighed, and degenerate photos go through ``
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import hashlib
@@ -46,6 +48,16 @@ SMALL = {"short_side": 128, "max_size": 213}
 MB = 1 << 20
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread for these many small forward passes: on a 2-core machine, OpenMP
+    threads spinning against any other busy process made them 10-20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def photo(seed: int, width: int, height: int) -> Image.Image:
     """A smooth random 'photo': low-frequency colour blobs plus a little noise."""
     rng = np.random.default_rng(seed)
@@ -66,8 +78,13 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 def hooked_modules(model: torch.nn.Module) -> list[str]:
     """Names of modules holding any forward (pre-)hook, plain, with kwargs or always-called."""
-    tables = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-              "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    tables = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
     return [name for name, m in model.named_modules() if any(getattr(m, t, None) for t in tables)]
 
 
@@ -84,6 +101,15 @@ def rss() -> int:
     """Resident set size of this process in bytes (Linux /proc)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_rss() -> int:
+    """RSS after a garbage collection and after glibc returns its free pages to the system, so
+    that memory freed earlier and reused later cannot hide a leak (nor pad the baseline)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: plain RSS
+        ctypes.CDLL(None).malloc_trim(0)
+    return rss()
 
 
 def reset_peak_rss() -> bool:
@@ -106,17 +132,25 @@ def peak_rss() -> int:
 
 def analysis_bytes(analysis: Analysis) -> int:
     """Bytes held by one analysis' arrays and tensors."""
-    tensors = [t for f in analysis.encoder + analysis.decoder
-               for t in (f.q, f.k, f.lse, f.key_padding)]
+    tensors = [
+        t for f in analysis.encoder + analysis.decoder for t in (f.q, f.k, f.lse, f.key_padding)
+    ]
     arrays = analysis.probabilities.nbytes + analysis.boxes.nbytes
     return arrays + sum(t.numel() * t.element_size() for t in tensors)
 
 
 # --- one model, many threads ------------------------------------------------------------------
 
-FORMATS = [("JPEG", {"quality": 90}), ("PNG", {}), ("WEBP", {"quality": 90}),
-           ("HEIF", {"quality": 80}), ("BMP", {}), ("TIFF", {}), ("AVIF", {"quality": 80}),
-           ("GIF", {})]
+FORMATS = [
+    ("JPEG", {"quality": 90}),
+    ("PNG", {}),
+    ("WEBP", {"quality": 90}),
+    ("HEIF", {"quality": 80}),
+    ("BMP", {}),
+    ("TIFF", {}),
+    ("AVIF", {"quality": 80}),
+    ("GIF", {}),
+]
 
 
 def summary(analysis: Analysis) -> dict[str, object]:
@@ -152,7 +186,7 @@ def test_threads_analysing_different_photos_on_one_model_get_their_sequential_re
     threads, per_thread = 8, 3
     jobs = []
     for i in range(threads * per_thread):
-        width, height = 48 + 17 * (i % 7), 40 + 23 * (i % 5)  # 24 photos, 22 distinct shapes
+        width, height = 48 + 17 * (i % 7), 40 + 23 * (i % 5)  # 24 photos, 24 shapes
         fmt, options = FORMATS[i % len(FORMATS)]
         jobs.append(encode(photo(i, width, height), fmt, **options))
     expected = [summary(analyze(model, data, **SMALL)) for data in jobs]
@@ -204,7 +238,7 @@ def test_memory_does_not_grow_over_50_analyses():
     model = recipe_model(R50)
     settings = {"short_side": 256, "max_size": 427}  # 341 x 256 input, 8 x 11 grid
     photos = [encode(photo(1000 + i, 96 + i % 5, 72), "JPEG", quality=90) for i in range(50)]
-    warm_up, bound = 5, 60 * MB
+    warm_up, bound = 5, 40 * MB  # measured: ~0 MB; keeping the results: ~105 MB
     alive: list[weakref.ref] = []
     sizes = []
     for i, data in enumerate(photos):
@@ -213,12 +247,10 @@ def test_memory_does_not_grow_over_50_analyses():
         alive.append(weakref.ref(analysis.encoder[-1].q))
         del analysis
         if i + 1 == warm_up:
-            gc.collect()
-            before = rss()
-    gc.collect()
-    growth = rss() - before
+            before = live_rss()
+    growth = live_rss() - before
     # keeping the 45 measured results alive would exceed the bound by far
-    assert (len(photos) - warm_up) * min(sizes) > 1.5 * bound, min(sizes)
+    assert (len(photos) - warm_up) * min(sizes) > 2 * bound, min(sizes)
     assert growth < bound, f"RSS grew by {growth / MB:.0f} MB over {len(photos)} analyses"
     assert not any(ref() is not None for ref in alive)  # each result freed once dropped
     assert hooked_modules(model) == []
@@ -251,7 +283,8 @@ def offline(monkeypatch, tmp_path):
 
 
 def evil_checkpoint(path: Path, marker: Path) -> Path:
-    """A real state dict with one extra entry whose unpickling runs a command."""
+    """Part of a real state dict, one entry replaced by an object whose unpickling runs a
+    command."""
     state = {k: v for k, v in list(recipe_model(R50).state_dict().items())[:3]}
     state["class_embed.weight"] = RunsShell(marker)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +315,7 @@ def test_checkpoint_with_code_is_refused_wherever_load_model_finds_it(
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_read_checkpoint_refuses_code_in_any_pickle_protocol_without_running_it(tmp_path, protocol):
     """Plain pickles and torch.save zips, any protocol: refused, through read_checkpoint and
@@ -357,32 +391,65 @@ def claiming(fmt: str, width: int, height: int) -> bytes:
     return bytes(data)
 
 
-BOMBS = [("PNG", 60000, 60000), ("GIF", 60000, 60000), ("BMP", 60000, 60000),
-         ("TIFF", 60000, 60000), ("JPEG", 65000, 65000), ("WEBP", 16384, 16384),
-         ("HEIF", 40000, 40000),
-         # over MAX_PIXELS (120 M) but under Pillow's own refusal (179 M): ours must catch it
-         ("PNG", 11000, 11000), ("BMP", 11000, 11000), ("JPEG", 11000, 11000),
-         ("TIFF", 11000, 11000), ("WEBP", 11000, 11000)]
+def real_png_bomb(width: int, height: int) -> bytes:
+    """A complete, valid 1-bit PNG of width x height zeros: ~15 KB that decode to 121 MB (and
+    363 MB as RGB) for 11000 x 11000, so only a refusal from the header keeps memory low."""
+    row = b"\0" + bytes((width + 7) // 8)  # filter byte, then the packed 1-bit samples
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    idat = zlib.compress(row * height, 9)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+BOMBS = [
+    ("PNG", 60000, 60000),
+    ("GIF", 60000, 60000),
+    ("BMP", 60000, 60000),
+    ("TIFF", 60000, 60000),
+    ("JPEG", 65000, 65000),
+    ("WEBP", 16384, 16384),
+    ("HEIF", 40000, 40000),
+    # over MAX_PIXELS (120 M) but under Pillow's own refusal (179 M): ours must catch it
+    ("PNG", 11000, 11000),
+    ("BMP", 11000, 11000),
+    ("JPEG", 11000, 11000),
+    ("TIFF", 11000, 11000),
+    ("WEBP", 11000, 11000),
+    ("real PNG", 11000, 11000),
+]
 
 
 @pytest.mark.parametrize(("fmt", "width", "height"), BOMBS, ids=lambda v: str(v))
 def test_decompression_bomb_is_refused_before_decoding(fmt, width, height):
     """Decoding would take width * height * 3 bytes (363 MB to 12 GB): refused in well under
     a second, and the peak RSS of the refusal stays under 100 MB."""
-    assert load_image(claiming(fmt, 8, 8)).size == (8, 8)  # the edit alone makes the bomb
-    data = claiming(fmt, width, height)
+    if fmt == "real PNG":
+        data = real_png_bomb(width, height)
+        assert load_image(real_png_bomb(64, 48)).getpixel((63, 47)) == (0, 0, 0)
+    else:
+        control = encode(BASE, fmt, quality=50) if fmt == "HEIF" else claiming(fmt, 8, 8)
+        assert load_image(control).size == (8, 8)  # the size edit alone makes the bomb
+        data = claiming(fmt, width, height)
     measure_peak = reset_peak_rss()
     before, start = rss(), time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with pytest.raises(ImageError) as refused:
-            load_image(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            outcome: object = load_image(data)
+    except ImageError as error:
+        outcome = error
     elapsed = time.perf_counter() - start
     grown = (peak_rss() if measure_peak else rss()) - before
-    assert elapsed < 1.0, f"refusal took {elapsed:.2f} s"
+    assert elapsed < 1.0, f"took {elapsed:.2f} s"
     assert grown < 100 * MB, f"RSS rose by {grown / MB:.0f} MB"
+    assert isinstance(outcome, ImageError), outcome
     if fmt != "HEIF":  # libheif checks its own limit; the others are refused from the header
-        assert f"{width * height:,}" in str(refused.value)
+        assert f"{width * height:,}" in str(outcome)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -413,8 +480,12 @@ def assert_sane(analysis: Analysis, input_size: tuple[int, int], grid: tuple[int
     rows, cols = grid
     width, height = analysis.original_size
     dense = analysis.encoder[-1].dense()  # (cells, cells): row i = where cell i looks
-    corners = {(0, 0): 0, (width, 0): cols - 1, (0, height): (rows - 1) * cols,
-               (width, height): rows * cols - 1}
+    corners = {
+        (0, 0): 0,
+        (width, 0): cols - 1,
+        (0, height): (rows - 1) * cols,
+        (width, height): rows * cols - 1,
+    }
     for point, cell in corners.items():
         outgoing = analysis.encoder_attention(point, direction=OUTGOING)
         incoming = analysis.encoder_attention(point, direction=INCOMING)
@@ -434,8 +505,9 @@ def assert_sane(analysis: Analysis, input_size: tuple[int, int], grid: tuple[int
     ids=["1x1", "20000x20", "20x20000"],
 )
 def test_tiny_and_strip_photos_give_a_sane_analysis_at_the_default_size(size, input_size, grid):
-    data = encode(photo(7, *size) if min(size) > 1 else Image.new("RGB", size, (200, 30, 30)),
-                  "PNG")
+    data = encode(
+        photo(7, *size) if min(size) > 1 else Image.new("RGB", size, (200, 30, 30)), "PNG"
+    )
     model = recipe_model(R50)
     analysis = analyze(model, data)  # the real transform: 800 / 1333
     assert analysis.original_size == size
