@@ -36,14 +36,16 @@ def detections_figure(
     display: DisplayImage, detections: list[Detection], height: int = 500
 ) -> go.Figure:
     """The photo with one outlined, hoverable box per detection (boxes in original pixels)."""
-    fig = go.Figure(_photo(display))
-    for i, det in enumerate(detections):
-        color = PALETTE[i % len(PALETTE)]
-        fig.add_trace(_box(det.box, color, _describe(det)))
-        fig.add_annotation(
-            x=det.box[0], y=det.box[1], text=f"{det.name} {det.score:.2f}", showarrow=False,
-            xanchor="left", yanchor="top", bgcolor=color, font={"color": "white", "size": 12},
-        )
+    # Built in one go: adding traces one by one makes Plotly re-validate all earlier ones
+    # (818 ms instead of 45 ms for 100 boxes, benchmarks/figure_build.py).
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(detections))]
+    boxes = [_box(d.box, c, _describe(d)) for d, c in zip(detections, colors, strict=True)]
+    labels = [
+        {"x": d.box[0], "y": d.box[1], "text": f"{d.name} {d.score:.2f}", "showarrow": False,
+         "xanchor": "left", "yanchor": "top", "bgcolor": c, "font": {"color": "white", "size": 12}}
+        for d, c in zip(detections, colors, strict=True)
+    ]
+    fig = go.Figure([_photo(display), *boxes], layout={"annotations": labels})
     n = len(detections)
     title = f"{n} detection{'s' if n != 1 else ''}" if n else NO_DETECTIONS
     _photo_axes(fig, display.original_size)
