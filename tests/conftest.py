@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 
 import pytest
+import torch
 
 from detr_viz.model import DETR, build_model
 from detr_viz.testing import recipe_state_dict
@@ -26,3 +27,13 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f"reference vectors not found at {REFERENCE}; clone the project beside shared/")
     return REFERENCE
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for many small forward passes: on a 2-core machine, OpenMP
+    threads spinning against any other busy process made them 10-20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

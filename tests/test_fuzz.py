@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -39,14 +38,7 @@ TINY = {"short_side": 32, "max_size": 64}  # analyze on inputs of at most 64 pix
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread for these many small forward passes: on a 2-core machine, OpenMP
-    threads spinning against any other busy process made them 10-20x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fuzz(examples: int) -> settings:

@@ -48,14 +48,7 @@ SMALL = {"short_side": 128, "max_size": 213}
 MB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread for these many small forward passes: on a 2-core machine, OpenMP
-    threads spinning against any other busy process made them 10-20x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def photo(seed: int, width: int, height: int) -> Image.Image:
