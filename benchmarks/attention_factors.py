@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    LABEL,
+    VARIANTS,
     CpuShare,
     common_arguments,
     interleaved,
@@ -43,8 +45,6 @@ from detr_viz import preprocess
 from detr_viz.capture import _factorise
 from detr_viz.model import nested_tensor_from_tensor_list
 
-VARIANTS = ("detr_resnet50", "detr_resnet50_dc5")
-LABEL = {"detr_resnet50": "R50", "detr_resnet50_dc5": "R50-DC5"}
 CHUNK = 512
 
 

@@ -329,3 +329,7 @@ def official_size_photo() -> Image.Image:
 
 def file_mb(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MB"
+
+# The variants the scripts compare and their table labels.
+VARIANTS = ("detr_resnet50", "detr_resnet50_dc5")
+LABEL = {"detr_resnet50": "R50", "detr_resnet50_dc5": "R50-DC5"}

@@ -17,6 +17,8 @@ import sys
 import torch
 
 from benchmarks.common import (
+    LABEL,
+    VARIANTS,
     CpuShare,
     Timing,
     common_arguments,
@@ -33,9 +35,6 @@ from benchmarks.common import (
 )
 from detr_viz import analyze, capture, load_image, preprocess
 from detr_viz.testing import recipe_input
-
-VARIANTS = ("detr_resnet50", "detr_resnet50_dc5")
-LABEL = {"detr_resnet50": "R50", "detr_resnet50_dc5": "R50-DC5"}
 
 
 def load_preprocess_table(repeats: int) -> str:

@@ -36,6 +36,8 @@ import plotly.io
 from PIL import Image, ImageDraw
 
 from benchmarks.common import (
+    LABEL,
+    VARIANTS,
     CpuShare,
     common_arguments,
     count_forward_calls,
@@ -51,8 +53,6 @@ from benchmarks.common import (
 from detr_viz import INCOMING, analyze, figures
 from detr_viz.display import display_image, display_to_original
 
-VARIANTS = ("detr_resnet50", "detr_resnet50_dc5")
-LABEL = {"detr_resnet50": "R50", "detr_resnet50_dc5": "R50-DC5"}
 CLICK_SIDE, MAX_POINTS, PER_PAGE = 720, 4, 4  # as in app.py
 STYLE = {"opacity": 0.6, "colorscale": "Viridis"}
 GOAL_S = 0.100

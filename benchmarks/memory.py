@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
+    LABEL,
+    VARIANTS,
     CpuShare,
     bench_dir,
     common_arguments,
@@ -37,8 +39,6 @@ from benchmarks.common import (
     table,
 )
 
-VARIANTS = ("detr_resnet50", "detr_resnet50_dc5")
-LABEL = {"detr_resnet50": "R50", "detr_resnet50_dc5": "R50-DC5"}
 GOAL_MB = {"detr_resnet50": 1.5 * 1024, "detr_resnet50_dc5": 2.5 * 1024}  # at 12 MP
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import functools
+import io
+import os
+import urllib.request
 from pathlib import Path
 
+import pillow_heif
 import pytest
 import torch
+from PIL import Image
 
+from detr_viz.download import WEIGHTS_ENV
 from detr_viz.model import DETR, build_model
 from detr_viz.testing import recipe_state_dict
 
@@ -37,3 +43,59 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path) -> Path:
+    """No $DETR_VIZ_WEIGHTS, a private hub cache, and any network access fails the test.
+
+    Returns the private hub cache's checkpoint folder (not created).
+    """
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tests must not touch the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    """``image`` saved in ``fmt``; HEIF is written with pillow-heif directly, so that
+    load_image must register its opener itself."""
+    buffer = io.BytesIO()
+    if fmt == "HEIF":
+        pillow_heif.from_pillow(image).save(buffer, **options)
+    else:
+        image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def exif(orientation: int) -> bytes:
+    """An EXIF block holding only the orientation tag (0x0112)."""
+    tags = Image.Exif()
+    tags[0x0112] = orientation
+    return tags.tobytes()
+
+
+def hooked_modules(model: torch.nn.Module) -> list[str]:
+    """Names of modules holding any forward (pre-)hook, plain, with kwargs or always-called."""
+    tables = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
+    return [name for name, m in model.named_modules() if any(getattr(m, t, None) for t in tables)]
+
+
+class RunsShell:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {self.marker}",))

@@ -13,11 +13,7 @@ from detr_viz.errors import ArgumentError
 from detr_viz.model import nested_tensor_from_tensor_list
 from detr_viz.testing import recipe_input
 
-from conftest import recipe_model
-
-
-def hooked_modules(model):
-    return [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+from conftest import hooked_modules, recipe_model
 
 
 def official_weights(model, x, layer_path):

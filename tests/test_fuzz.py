@@ -19,7 +19,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pillow_heif
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ from detr_viz.analysis import Analysis, analyze
 from detr_viz.errors import DetrVizError, ImageError
 from detr_viz.image import load_image
 
-from conftest import recipe_model
+from conftest import encode, exif, recipe_model
 
 CORPUS = Path(__file__).parent / "corpus"
 MAX_PIXELS = 100_000  # small limit: a mutated size field is refused rather than decoded
@@ -51,21 +50,6 @@ def fuzz(examples: int) -> settings:
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "HEIF":
-        pillow_heif.from_pillow(image).save(buffer, **options)
-    else:
-        image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def exif(orientation: int) -> bytes:
-    tags = Image.Exif()
-    tags[0x0112] = orientation
-    return tags.tobytes()
 
 
 def make_seeds() -> dict[str, bytes]:

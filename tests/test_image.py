@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pillow_heif
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -36,10 +35,11 @@ from detr_viz.image import (
     resized_hw,
 )
 
+from conftest import encode, exif
+
 RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255,) * 3
 SIZE = (64, 48)  # (width, height) of the upright pattern
 CENTRES = {(16, 12): RED, (48, 12): GREEN, (16, 36): BLUE, (48, 36): YELLOW}
-ORIENTATION = 0x0112
 
 
 def pattern() -> Image.Image:
@@ -67,21 +67,6 @@ def stored_for(orientation: int) -> Image.Image:
         8: np.rot90(up, -1),
     }[orientation]
     return Image.fromarray(np.ascontiguousarray(stored))
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "HEIF":  # written with pillow-heif directly: load_image must register it itself
-        pillow_heif.from_pillow(image).save(buffer, **options)
-    else:
-        image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def exif(orientation: int) -> bytes:
-    tags = Image.Exif()
-    tags[ORIENTATION] = orientation
-    return tags.tobytes()
 
 
 def assert_pattern(image: Image.Image, tolerance: int = 0) -> None:

@@ -14,14 +14,12 @@ import ctypes
 import dataclasses
 import gc
 import hashlib
-import io
 import math
 import os
 import pickle
 import struct
 import threading
 import time
-import urllib.request
 import warnings
 import weakref
 import zlib
@@ -29,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pillow_heif
 import pytest
 import torch
 from PIL import Image
@@ -41,7 +38,7 @@ from detr_viz.image import load_image
 from detr_viz.model import VARIANTS
 from detr_viz.weights import load_model, read_checkpoint
 
-from conftest import recipe_model
+from conftest import RunsShell, encode, hooked_modules, recipe_model
 
 R50 = "detr_resnet50"
 SMALL = {"short_side": 128, "max_size": 213}
@@ -58,27 +55,6 @@ def photo(seed: int, width: int, height: int) -> Image.Image:
     smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
     grain = rng.integers(-12, 13, smooth.shape)
     return Image.fromarray(np.clip(smooth.astype(int) + grain, 0, 255).astype(np.uint8))
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "HEIF":
-        pillow_heif.from_pillow(image).save(buffer, **options)
-    else:
-        image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def hooked_modules(model: torch.nn.Module) -> list[str]:
-    """Names of modules holding any forward (pre-)hook, plain, with kwargs or always-called."""
-    tables = (
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-    )
-    return [name for name, m in model.named_modules() if any(getattr(m, t, None) for t in tables)]
 
 
 def global_hooks() -> list:
@@ -250,29 +226,6 @@ def test_memory_does_not_grow_over_50_analyses():
 
 
 # --- hostile checkpoints ------------------------------------------------------------------------
-
-
-class RunsShell:
-    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"echo pwned > {self.marker}",))
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No $DETR_VIZ_WEIGHTS, a private hub cache, and any network access fails the test."""
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("tests must not touch the network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 def evil_checkpoint(path: Path, marker: Path) -> Path:

@@ -39,7 +39,7 @@ from detr_viz.weights import (
     read_checkpoint,
 )
 
-from conftest import recipe_model
+from conftest import RunsShell, recipe_model
 
 R50, R101 = "detr_resnet50", "detr_resnet101"
 PAYLOAD = bytes(range(256)) * 1000
@@ -100,16 +100,7 @@ def assert_recipe_weights(model: torch.nn.Module, state: dict) -> None:
     assert not model.training
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No $DETR_VIZ_WEIGHTS, a private hub cache, and any real network access fails the test."""
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("tests must not touch the network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture
@@ -366,16 +357,6 @@ def test_user_weights_folder_is_vetted_by_content_not_hash(monkeypatch, tmp_path
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
     model = load_model(R50, download=False)
     assert torch.equal(model.state_dict()["class_embed.bias"], r50_state["class_embed.bias"])
-
-
-class RunsShell:
-    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle.dumps"])
