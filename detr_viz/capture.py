@@ -8,9 +8,12 @@
 
 Hooks exist only inside the ``with`` block and are removed on any exit, exceptions included.
 Each hook records only calls made by the thread that opened the block, so one model shared by
-many threads gives every caller its own, unmixed capture. Predictions are unchanged: the model
-already computes attention weights (the official code calls ``nn.MultiheadAttention`` with its
-defaults); capture only asks for them per head.
+many threads gives every caller its own, unmixed capture. Predictions are unchanged, bit for
+bit: on detr-viz's own model (:class:`detr_viz.attention.MultiheadAttention`) capture takes the
+factors that the fused attention path computes anyway; on any other model with the official
+module paths (the torch hub DETR, say) it asks ``nn.MultiheadAttention`` for per-head weights
+and factorises them. Hooks registered by others on the same modules still see the head-averaged
+weights in ``output[1]`` (the model then takes the weight-building path for those modules).
 
 Attention is stored as its exact factors rather than as dense matrices: per head the scaled
 queries ``q`` (L, d), keys ``k`` (S, d) and the log of each row's softmax denominator ``lse``
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detr_viz.attention import CAPTURE_MARK, Fused, MultiheadAttention, observed
 from detr_viz.errors import ArgumentError
 
 
@@ -39,12 +43,12 @@ from detr_viz.errors import ArgumentError
 class AttentionFactors:
     """One multi-head attention call, per head: ``weights = softmax(q k^T + padding)``.
 
-    Tensors are CPU float32, detached, with a leading batch dimension B:
+    Tensors are detached CPU tensors in the model's dtype, with a leading batch dimension B:
     ``q`` (B, heads, L, d) already scaled by 1/sqrt(d); ``k`` (B, heads, S, d);
     ``lse`` (B, heads, L) log-sum-exp of each row of logits; ``key_padding`` (B, S) bool, True
     on padded keys (which get zero weight). For the encoder L = S = h * w (positions in
     row-major (y, x) order); for the decoder L = 100 object queries and S = h * w.
-    Every accessor returns a float32 NumPy array; ``head=None`` means the mean over heads.
+    Every accessor returns a NumPy array of that dtype; ``head=None`` means the mean over heads.
     """
 
     q: Tensor
@@ -104,7 +108,8 @@ class AttentionFactors:
         return self.q[batch, head : head + 1], self.k[batch, head : head + 1]
 
     def _bias(self, batch: int) -> Tensor:
-        return torch.zeros(self.shape[1]).masked_fill(self.key_padding[batch], -math.inf)
+        bias = torch.zeros(self.shape[1], dtype=self.q.dtype)
+        return bias.masked_fill(self.key_padding[batch], -math.inf)
 
     @staticmethod
     def _reduce(weights: Tensor, head: int | None) -> np.ndarray:
@@ -136,6 +141,14 @@ def _factorise(module: nn.MultiheadAttention, args: tuple, kwargs: dict, weights
         padding = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool)
     return AttentionFactors(q.detach().cpu(), k.detach().cpu(), lse.detach().cpu(),
                             padding.detach().cpu().bool())
+
+
+def _detached(fused: Fused) -> AttentionFactors:
+    pad = fused.key_padding
+    if pad is None:
+        pad = torch.zeros(fused.k.shape[0], fused.k.shape[2], dtype=torch.bool)
+    return AttentionFactors(fused.q.detach().cpu(), fused.k.detach().cpu(),
+                            fused.lse.detach().cpu(), pad.detach().cpu())
 
 
 @dataclass
@@ -209,15 +222,21 @@ def capture(
     # Other threads may call these hooks, even with the kwargs argument missing while another
     # thread registers or removes hooks (torch reads its hook tables twice), so the owner
     # check comes before anything else and the signatures take what they are given.
-    def per_head(module, args, *kwargs):
+    def ask(store, index, module, args, *kwargs):
         if threading.get_ident() != owner:
             return None
+        if isinstance(module, MultiheadAttention) and not observed(module):
+            def keep(fused: Fused) -> None:
+                store[index] = _detached(fused)
+            return args, {**kwargs[0], "need_weights": False, "on_fused": keep}
         return args, {**kwargs[0], "need_weights": True, "average_attn_weights": False}
 
     def record_attention(store, index, module, args, *kwargs_and_output):
         if threading.get_ident() != owner:
             return None
         kwargs, (attn_output, weights) = kwargs_and_output
+        if weights is None:  # the fused path: ``keep`` has the factors already
+            return None
         store[index] = _factorise(module, args, kwargs, weights)
         # hooks registered after ours see what the unhooked call returns: head-averaged weights
         return attn_output, weights.mean(dim=1)
@@ -233,12 +252,10 @@ def capture(
     try:
         handles.append(model.backbone[-2].register_forward_hook(record_features))
         for module, store, index in targets:
-            handles.append(module.register_forward_pre_hook(per_head, with_kwargs=True))
-            handles.append(
-                module.register_forward_hook(
-                    partial(record_attention, store, index), with_kwargs=True
-                )
-            )
+            pre, post = partial(ask, store, index), partial(record_attention, store, index)
+            setattr(post, CAPTURE_MARK, True)  # reads output[1] only to factorise it
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield result
     finally:
         for handle in handles:
