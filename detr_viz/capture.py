@@ -151,14 +151,32 @@ def _detached(fused: Fused) -> AttentionFactors:
                             fused.lse.detach().cpu(), pad.detach().cpu())
 
 
+@dataclass(frozen=True, eq=False)
+class TransformerInputs:
+    """What ``model.transformer`` was called with: everything after the backbone.
+
+    ``src`` (B, 256, h, w): CNN features after ``input_proj``; ``mask`` (B, h, w) bool, True on
+    padding; ``pos`` (B, 256, h, w): the sine position encoding. Re-running the transformer on
+    these (``detr_viz.replay``) reproduces the model's outputs without the backbone.
+    """
+
+    src: Tensor
+    mask: Tensor
+    pos: Tensor
+
+
 @dataclass
 class Capture:
     """What one ``with capture(model)`` block recorded (from the last forward pass inside it).
 
     ``features``: CNN feature map (B, 2048, h, w), or None if not requested;
     ``feature_mask``: (B, h, w) bool, True on padding;
-    ``encoder`` / ``decoder``: layer index -> :class:`AttentionFactors` (negative indices
-    work as for lists); ``calls``: forward passes seen.
+    ``encoder`` / ``decoder`` / ``decoder_self``: layer index -> :class:`AttentionFactors` of
+    the encoder self-attention, the decoder cross-attention (100 queries over h * w cells) and
+    the decoder self-attention (100 x 100); ``inputs``: the transformer's
+    :class:`TransformerInputs`; ``live``: with ``capture(live=True)``, (part, layer) -> the
+    :class:`~detr_viz.attention.Fused` tensors as computed (part in "encoder", "decoder",
+    "decoder_self"); ``calls``: backbone forward passes seen.
     """
 
     num_layers: int
@@ -166,6 +184,9 @@ class Capture:
     feature_mask: Tensor | None = None
     encoder: dict[int, AttentionFactors] = field(default_factory=dict)
     decoder: dict[int, AttentionFactors] = field(default_factory=dict)
+    decoder_self: dict[int, AttentionFactors] = field(default_factory=dict)
+    inputs: TransformerInputs | None = None
+    live: dict[tuple[str, int], Fused] = field(default_factory=dict)
     calls: int = 0
 
     def encoder_layer(self, layer: int) -> AttentionFactors:
@@ -173,6 +194,9 @@ class Capture:
 
     def decoder_layer(self, layer: int) -> AttentionFactors:
         return self._layer(self.decoder, layer, "decoder")
+
+    def decoder_self_layer(self, layer: int) -> AttentionFactors:
+        return self._layer(self.decoder_self, layer, "decoder self-attention")
 
     def _layer(self, store: dict, layer: int, kind: str) -> AttentionFactors:
         if not -self.num_layers <= layer < self.num_layers:
@@ -203,41 +227,51 @@ def capture(
     features: bool = True,
     encoder_layers: Sequence[int] | None = None,
     decoder_layers: Sequence[int] | None = None,
+    decoder_self_layers: Sequence[int] | None = None,
+    live: bool = False,
 ) -> Iterator[Capture]:
     """Record CNN features and per-head attention of ``model``'s forward passes in this thread.
 
-    ``encoder_layers`` / ``decoder_layers``: indices to capture (None: all; [] none).
-    Works on any model with the official module paths (``backbone[-2]``,
-    ``transformer.encoder.layers[i].self_attn``, ``transformer.decoder.layers[i].multihead_attn``).
+    ``encoder_layers`` / ``decoder_layers`` / ``decoder_self_layers``: indices to capture (None:
+    all; [] none). Works on any model with the official module paths (``backbone[-2]``,
+    ``transformer.encoder.layers[i].self_attn``, ``transformer.decoder.layers[i].multihead_attn``
+    and ``.self_attn``). ``live=True`` (detr-viz's model only, for methods that differentiate
+    through attention) also keeps each call's tensors as computed, graph included, in
+    ``Capture.live``; inside such a block other hooks on these modules see ``output[1] = None``.
     """
     owner = threading.get_ident()
     enc = model.transformer.encoder.layers
     dec = model.transformer.decoder.layers
     result = Capture(num_layers=len(enc))
-    targets = [(enc[i].self_attn, result.encoder, i) for i in _layers(encoder_layers, len(enc))]
-    targets += [
-        (dec[i].multihead_attn, result.decoder, i) for i in _layers(decoder_layers, len(dec))
-    ]
+    targets = [(enc[i].self_attn, "encoder", i) for i in _layers(encoder_layers, len(enc))]
+    targets += [(dec[i].multihead_attn, "decoder", i) for i in _layers(decoder_layers, len(dec))]
+    targets += [(dec[i].self_attn, "decoder_self", i)
+                for i in _layers(decoder_self_layers, len(dec))]
+    if live and not all(isinstance(m, MultiheadAttention) for m, _, _ in targets):
+        raise ArgumentError("capture(live=True) needs detr-viz's model (detr_viz.load_model or "
+                            "build_model): its attention modules give the factors with a graph.")
 
     # Other threads may call these hooks, even with the kwargs argument missing while another
     # thread registers or removes hooks (torch reads its hook tables twice), so the owner
     # check comes before anything else and the signatures take what they are given.
-    def ask(store, index, module, args, *kwargs):
+    def ask(part, index, module, args, *kwargs):
         if threading.get_ident() != owner:
             return None
-        if isinstance(module, MultiheadAttention) and not observed(module):
+        if live or (isinstance(module, MultiheadAttention) and not observed(module)):
             def keep(fused: Fused) -> None:
-                store[index] = _detached(fused)
+                getattr(result, part)[index] = _detached(fused)
+                if live:
+                    result.live[(part, index)] = fused
             return args, {**kwargs[0], "need_weights": False, "on_fused": keep}
         return args, {**kwargs[0], "need_weights": True, "average_attn_weights": False}
 
-    def record_attention(store, index, module, args, *kwargs_and_output):
+    def record_attention(part, index, module, args, *kwargs_and_output):
         if threading.get_ident() != owner:
             return None
         kwargs, (attn_output, weights) = kwargs_and_output
         if weights is None:  # the fused path: ``keep`` has the factors already
             return None
-        store[index] = _factorise(module, args, kwargs, weights)
+        getattr(result, part)[index] = _factorise(module, args, kwargs, weights)
         # hooks registered after ours see what the unhooked call returns: head-averaged weights
         return attn_output, weights.mean(dim=1)
 
@@ -248,11 +282,19 @@ def capture(
             result.feature_mask = output["0"].mask.detach().cpu()
             result.calls += 1
 
+    def record_inputs(module, args, kwargs):
+        if threading.get_ident() == owner:
+            src, mask, _, pos = (*args, *kwargs.values())[:4]
+            keep = (lambda t: t) if live else (lambda t: t.detach().cpu())
+            result.inputs = TransformerInputs(keep(src), keep(mask), keep(pos))
+
     handles = []
     try:
         handles.append(model.backbone[-2].register_forward_hook(record_features))
-        for module, store, index in targets:
-            pre, post = partial(ask, store, index), partial(record_attention, store, index)
+        handles.append(model.transformer.register_forward_pre_hook(record_inputs,
+                                                                   with_kwargs=True))
+        for module, part, index in targets:
+            pre, post = partial(ask, part, index), partial(record_attention, part, index)
             setattr(post, CAPTURE_MARK, True)  # reads output[1] only to factorise it
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True))
