@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -162,6 +163,18 @@ def test_pick_decodes_the_clicked_thumbnail():
     empty = {"selection": {"points": [], "point_indices": [], "box": [], "lasso": []}}
     assert overview_pick(empty) is None and overview_pick(None) is None
     assert overview_pick({"selection": {"points": [{"x": 1, "y": 2}]}}) is None
+
+
+def test_pick_reads_streamlits_own_state_object():
+    """What the page gets: the frontend's JSON string, deserialised by Streamlit (1.67's
+    internal serde) into a PlotlyState; an empty state (no click yet, or a click that
+    deselected) picks nothing."""
+    from streamlit.elements.plotly_chart import PlotlyChartSelectionSerde
+
+    serde = PlotlyChartSelectionSerde()
+    state = serde.deserialize(json.dumps(streamlit_selection(53, [5, -1])))
+    assert overview_pick(state) == (5, None) and overview_pick(state.selection) == (5, None)
+    assert overview_pick(serde.deserialize(None)) is None
 
 
 def cell_rects(trace) -> list[tuple[float, float, float, float]]:
