@@ -67,21 +67,21 @@ class AttentionFactors:
 
     def rows(self, indices: Sequence[int], head: int | None = None, batch: int = 0) -> np.ndarray:
         """Weights of the given query positions over all keys: (len(indices), S), rows sum to 1."""
-        index = self._check(indices, self.shape[0], "query")
-        q, k = self._select(head, batch)
-        logits = q[:, index] @ k.transpose(1, 2) + self._bias(batch)  # (H, n, S)
-        return self._reduce(logits.softmax(-1), head)
+        return self._reduce(self._row_weights(indices, head, batch), head)
 
     def columns(
         self, indices: Sequence[int], head: int | None = None, batch: int = 0
     ) -> np.ndarray:
         """Weights that every query position gives the given keys: (len(indices), L)."""
-        index = self._check(indices, self.shape[1], "key")
-        q, k = self._select(head, batch)
-        lse = self.lse[batch] if head is None else self.lse[batch, head : head + 1]
-        logits = k[:, index] @ q.transpose(1, 2) - lse[:, None, :]  # (H, n, L)
-        weights = logits.exp() * ~self.key_padding[batch, index][None, :, None]
-        return self._reduce(weights, head)
+        return self._reduce(self._column_weights(indices, head, batch), head)
+
+    def head_rows(self, indices: Sequence[int], batch: int = 0) -> np.ndarray:
+        """:meth:`rows` of every head in one product: (heads, len(indices), S)."""
+        return self._row_weights(indices, None, batch).numpy()
+
+    def head_columns(self, indices: Sequence[int], batch: int = 0) -> np.ndarray:
+        """:meth:`columns` of every head in one product: (heads, len(indices), L)."""
+        return self._column_weights(indices, None, batch).numpy()
 
     def row(self, index: int, head: int | None = None, batch: int = 0) -> np.ndarray:
         return self.rows([index], head, batch)[0]
@@ -92,6 +92,19 @@ class AttentionFactors:
     def dense(self, head: int | None = None, batch: int = 0) -> np.ndarray:
         """The whole (L, S) weight matrix; large for DC5 encoders (45 MB per head)."""
         return self.rows(range(self.shape[0]), head, batch)
+
+    def _row_weights(self, indices: Sequence[int], head: int | None, batch: int) -> Tensor:
+        index = self._check(indices, self.shape[0], "query")
+        q, k = self._select(head, batch)
+        logits = q[:, index] @ k.transpose(1, 2) + self._bias(batch)  # (H, n, S)
+        return logits.softmax(-1)
+
+    def _column_weights(self, indices: Sequence[int], head: int | None, batch: int) -> Tensor:
+        index = self._check(indices, self.shape[1], "key")
+        q, k = self._select(head, batch)
+        lse = self.lse[batch] if head is None else self.lse[batch, head : head + 1]
+        logits = k[:, index] @ q.transpose(1, 2) - lse[:, None, :]  # (H, n, L)
+        return logits.exp() * ~self.key_padding[batch, index][None, :, None]
 
     def _check(self, indices: Sequence[int], size: int, what: str) -> list[int]:
         index = [int(i) for i in indices]
