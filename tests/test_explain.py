@@ -89,13 +89,13 @@ def test_gradient_weighted_attention_equals_autograd_on_the_attention_matrices()
     query = int(np.argmax(analysis.scores))
     label = int(analysis.probabilities[query].argmax())
     grads, attn = dense_oracle.attention_gradients(model, analysis.inputs, query, label)
-    deltas, fused = next(explain._gradients(model, analysis, [query], [label]))
+    (deltas,), fused = explain._gradients(model, analysis, [query], [label])
     assert set(deltas) == set(grads)
     for key, grad in grads.items():
         got = deltas[key][0] @ fused[key].v[0].transpose(1, 2)  # (H, L, S)
         assert_close(got, grad)
         expected = (grad * attn[key]).clamp(min=0).mean(0)
-        assert_close(explain.mean_attention(fused[key], deltas[key]), expected)
+        assert_close(explain.mean_attention(fused[key], deltas[key])[0], expected)
 
 
 def test_encoder_relevance_rows_and_columns_equal_the_dense_matrix():
@@ -170,3 +170,11 @@ def test_relevance_works_under_inference_mode_and_on_float32_models():
         maps = explain.relevance(model, analysis, [0, 1])
     assert maps.dtype == np.float32 and maps.shape == (2, *analysis.feature_hw)
     assert np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_targets_split_into_memory_chunks_give_the_same_maps(monkeypatch):
+    analysis, model = small_analysis(), double_model("detr_resnet50")
+    queries = [int(q) for q in np.argsort(-analysis.scores)[:3]]
+    together = explain.relevance(model, analysis, queries)
+    monkeypatch.setattr(explain, "MEMORY", 1)  # one target's encoder maps at a time
+    np.testing.assert_array_equal(explain.relevance(model, analysis, queries), together)
