@@ -35,6 +35,7 @@ from detr_viz.model import CHECKPOINT_URL, VARIANTS
 from detr_viz.weights import (
     check_state_dict,
     checkpoint_candidates,
+    checkpoint_provenance,
     find_checkpoint,
     is_official_release,
     load_model,
@@ -185,7 +186,7 @@ def test_loads_from_hub_cache(hub, r50_file, r50_state, official_r50):
 
 def test_nothing_found_with_downloads_off_says_where_it_looked(hub):
     name = VARIANTS[R50].checkpoint
-    with raises(WeightsUnavailableError, hub / name, WEIGHTS_ENV):
+    with raises(WeightsUnavailableError, hub / name, WEIGHTS_ENV, "facebook/detr-resnet-50"):
         load_model(R50, download=False)
 
 
@@ -202,7 +203,7 @@ def test_hub_file_is_hashed_once_for_loading_and_the_release_check(
 ):
     path = place(r50_file, hub, official_r50)
     load_model(R50, download=False)  # checks the hash prefix of files in the hub cache
-    assert is_official_release(path, R50)
+    assert is_official_release(path, R50) and checkpoint_provenance(path, R50) == "official"
     assert hashes == [path]
     size, mtime = path.stat().st_size, path.stat().st_mtime_ns
     path.unlink()  # another file under the same name and size: hashed anew, and not the release
