@@ -161,7 +161,8 @@ def resolve_checkpoint(
         return found
     if download is False:
         raise WeightsUnavailableError(
-            f"No checkpoint for {variant}, and downloads are off. Looked for:\n"
+            f"No checkpoint for {variant} was found, and downloads are off. detr-viz takes the "
+            "first of:\n"
             f"{describe_sources(variant)}\n"
             + manual_advice(name, hub_checkpoint_dir())
             + " "
