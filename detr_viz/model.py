@@ -52,6 +52,8 @@ VARIANTS: dict[str, Variant] = {
     )
 }
 
+DEFAULT_VARIANT = "detr_resnet50"
+
 
 def get_variant(name: str) -> Variant:
     """The :class:`Variant` called ``name``; a clear error for unknown names."""
@@ -332,7 +334,7 @@ class DETR(nn.Module):
         }
 
 
-def build_model(variant: str = "detr_resnet50") -> DETR:
+def build_model(variant: str = DEFAULT_VARIANT) -> DETR:
     """A randomly initialised DETR of the named variant, in eval mode; never touches the network.
 
     Load real weights with :func:`detr_viz.load_model`.
