@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import os
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pillow_heif
 import pytest
 import torch
 from PIL import Image
 
+from detr_viz.analysis import Analysis, analyze
 from detr_viz.download import WEIGHTS_ENV
 from detr_viz.model import DETR, build_model
 from detr_viz.testing import recipe_state_dict
@@ -26,6 +29,27 @@ def recipe_model(variant: str) -> DETR:
     model = build_model(variant)
     model.load_state_dict(recipe_state_dict(model))
     return model
+
+
+def photo(width=128, height=96, seed=0) -> Image.Image:
+    """A smooth random photo (an upscaled grid of random colours)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+@functools.cache
+def double_model(variant: str) -> DETR:
+    """A float64 copy of :func:`recipe_model` (for oracle comparisons at ~1e-10)."""
+    return copy.deepcopy(recipe_model(variant)).double()
+
+
+@functools.cache
+def small_analysis(variant: str = "detr_resnet50", width: int = 160, height: int = 96
+                   ) -> Analysis:
+    """A float64 analysis on a tiny grid (R50: 3 x 5 = 15 cells; DC5: 6 x 10 = 60)."""
+    return analyze(double_model(variant), photo(width, height), short_side=height,
+                   max_size=width)
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from detr_viz import analyze, capture, explain
 from detr_viz.analysis import INCOMING, OUTGOING
@@ -17,27 +14,9 @@ from detr_viz.capture import TransformerInputs
 from detr_viz.replay import replay
 
 import dense_oracle
-from conftest import recipe_model
+from conftest import double_model, photo, recipe_model, small_analysis
 
 TOL = 1e-10  # relative to the largest entry: float64 rounding is ~1e-16
-
-
-def photo(width=128, height=96, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
-
-
-@functools.cache
-def double_model(variant: str):
-    return copy.deepcopy(recipe_model(variant)).double()
-
-
-@functools.cache
-def small_analysis(variant: str = "detr_resnet50", width: int = 160, height: int = 96):
-    """A float64 analysis on a tiny grid (R50: 3 x 5 = 15 cells; DC5: 6 x 10 = 60)."""
-    return analyze(double_model(variant), photo(width, height), short_side=height,
-                   max_size=width)
 
 
 def assert_close(fast, dense):

@@ -17,9 +17,6 @@ Same recipe weights and input as the official run. Two checks per case:
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
 
@@ -27,7 +24,7 @@ from detr_viz.capture import capture
 from detr_viz.model import DETR
 from detr_viz.testing import recipe_input
 
-from conftest import recipe_model
+from conftest import double_model, recipe_model
 
 CASES = [
     "detr_resnet50_256x320",
@@ -41,11 +38,6 @@ F64_ATOL = 1e-9
 F32_FACTOR = 4.0
 F32_FLOOR = 1e-6  # spreads below this (a few outputs round identically) get this instead
 ATTENTION = ("enc_attn_mean", "enc_attn_heads_last", "dec_attn_mean", "dec_attn_heads_last")
-
-
-@functools.cache
-def double_model(variant: str) -> DETR:
-    return copy.deepcopy(recipe_model(variant)).double()
 
 
 def run(model: DETR, x: torch.Tensor) -> dict[str, torch.Tensor]:
