@@ -47,6 +47,8 @@ from detr_viz.errors import ArgumentError
 from detr_viz.model import DETR
 from detr_viz.replay import replay, trainable_copy
 
+RAW, ROLLOUT, RELEVANCE = "raw attention", "rollout", "relevance"  # the methods, as named
+METHODS = (RAW, ROLLOUT, RELEVANCE)
 BLOCK = 128  # rows of an (N, N) map built at once, one head at a time: 1.7 MB for DC5
 MEMORY = 768 * 2**20  # bytes of gradient-weighted encoder maps kept at once (see relevance)
 

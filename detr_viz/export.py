@@ -1,8 +1,9 @@
 """Downloads: the shown figures as one HTML page, and the shown analysis as NPZ or JSON.
 
 What is exported is what the page shows: the kept detections at the chosen threshold and the
-attention maps of the chosen layer and head, at feature resolution, with everything needed to
-put them back on the photo (sizes, stride, feature grid).
+maps of the chosen explanation method (raw attention of the chosen layer and head, rollout or
+relevance), at feature resolution, with everything needed to put them back on the photo
+(sizes, stride, feature grid), and the faithfulness scores computed so far.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from detr_viz.analysis import INCOMING, Analysis, Direction
+from detr_viz.errors import ArgumentError
+from detr_viz.explain import METHODS, RAW
+from detr_viz.faithfulness import Score
 
 
 @dataclass(frozen=True)
@@ -24,41 +29,61 @@ class View:
     """The choices that select what the page shows (and what gets exported)."""
 
     threshold: float = 0.9
+    method: str = RAW  # one of detr_viz.explain.METHODS
+    decoder_layer: int = -1  # raw attention only, as the heads
+    decoder_head: int | None = None  # None: mean over heads
     encoder_layer: int = -1
-    decoder_layer: int = -1
-    head: int | None = None  # None: mean over heads
+    encoder_head: int | None = None
     direction: Direction = INCOMING
     points: tuple[tuple[float, float], ...] = ()  # encoder reference points, original pixels
+    target: int | None = None  # the detection whose relevance the encoder maps show
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ArgumentError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}.")
 
 
-def view_arrays(analysis: Analysis, view: View) -> dict[str, np.ndarray]:
+Scores = Mapping[int, Mapping[str, Score]]  # query -> method -> score
+
+
+def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None = None,
+                encoder_maps: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Named arrays of the shown analysis.
 
     ``boxes_xyxy`` (n, 4) original pixels; ``scores`` (n,); ``labels`` (n,); ``queries`` (n,);
     ``decoder_maps`` (n, h, w); ``points_xy`` (p, 2) original pixels; ``encoder_maps``
     (p, h, w); plus the frames: ``original_size`` and ``input_size`` (width, height),
-    ``feature_hw``, ``stride``.
+    ``feature_hw``, ``stride``. Raw attention is read off ``analysis``; for rollout and
+    relevance the caller passes the maps it shows (``decoder_maps`` of the kept queries in
+    order, ``encoder_maps`` of ``view.points``).
     """
     detections = analysis.detections(view.threshold)
     queries = [d.query for d in detections]
     h, w = analysis.feature_hw
-    decoder = (
-        analysis.decoder_attentions(queries, view.decoder_layer, view.head)
-        if queries else np.zeros((0, h, w), np.float32)
-    )
-    encoder = [
-        analysis.encoder_attention(p, view.encoder_layer, view.head, view.direction)
-        for p in view.points
-    ]
+    if decoder_maps is None:
+        if view.method != RAW and queries:
+            raise ArgumentError(f"pass the {view.method} maps of the kept detections.")
+        decoder_maps = (analysis.decoder_attentions(queries, view.decoder_layer, view.decoder_head)
+                        if queries else np.zeros((0, h, w), np.float32))
+    if encoder_maps is None:
+        if view.method != RAW and view.points:
+            raise ArgumentError(f"pass the {view.method} maps of the chosen points.")
+        encoder_maps = [analysis.encoder_attention(p, view.encoder_layer, view.encoder_head,
+                                                   view.direction) for p in view.points]
+    decoder_maps = np.asarray(decoder_maps, dtype=np.float32).reshape(-1, h, w)
+    if len(decoder_maps) != len(queries) or len(encoder_maps) != len(view.points):
+        raise ArgumentError(f"{len(decoder_maps)} decoder maps for {len(queries)} detections, "
+                            f"{len(encoder_maps)} encoder maps for {len(view.points)} points.")
     return {
         "queries": np.array(queries, dtype=np.int64),
         "labels": np.array([d.label for d in detections], dtype=np.int64),
         "names": np.array([d.name for d in detections], dtype=str),
         "scores": np.array([d.score for d in detections], dtype=np.float32),
         "boxes_xyxy": np.array([d.box for d in detections], dtype=np.float32).reshape(-1, 4),
-        "decoder_maps": decoder,
+        "decoder_maps": decoder_maps,
         "points_xy": np.array(view.points, dtype=np.float32).reshape(-1, 2),
-        "encoder_maps": np.stack(encoder) if encoder else np.zeros((0, h, w), np.float32),
+        "encoder_maps": (np.stack(encoder_maps).astype(np.float32) if len(encoder_maps)
+                         else np.zeros((0, h, w), np.float32)),
         "original_size": np.array(analysis.original_size, dtype=np.int64),
         "input_size": np.array(analysis.input_size, dtype=np.int64),
         "feature_hw": np.array(analysis.feature_hw, dtype=np.int64),
@@ -68,28 +93,57 @@ def view_arrays(analysis: Analysis, view: View) -> dict[str, np.ndarray]:
 
 def _settings(analysis: Analysis, view: View) -> dict:
     layers = analysis.num_layers
+
+    def head(h):
+        return "mean" if h is None else h
+
     return {
         "variant": analysis.variant,
         "threshold": view.threshold,
+        "method": view.method,
         "encoder_layer": view.encoder_layer % layers,
+        "encoder_head": head(view.encoder_head),
         "decoder_layer": view.decoder_layer % layers,
-        "head": "mean" if view.head is None else view.head,
+        "decoder_head": head(view.decoder_head),
         "direction": view.direction,
+        "relevance_target": view.target,
     }
 
 
-def to_npz(analysis: Analysis, view: View) -> bytes:
-    """A compressed NumPy archive of :func:`view_arrays` plus ``settings`` (a JSON string)."""
+def scores_record(scores: Scores) -> list[dict]:
+    """Faithfulness scores as plain JSON: one entry per (query, method), curves included."""
+    out = []
+    for query, by_method in sorted(scores.items()):
+        for method, s in by_method.items():
+            out.append({
+                "query": int(query), "label": s.label, "method": method,
+                "deletion_auc": s.deletion.auc, "insertion_auc": s.insertion.auc,
+                "pointing": s.pointing, "fractions": s.deletion.fractions.tolist(),
+                "deletion": s.deletion.probability.tolist(),
+                "insertion": s.insertion.probability.tolist(),
+            })
+    return out
+
+
+def to_npz(analysis: Analysis, view: View, decoder_maps=None, encoder_maps=None,
+           scores: Scores | None = None) -> bytes:
+    """A compressed NumPy archive of :func:`view_arrays` plus ``settings`` and
+    ``faithfulness`` (JSON strings)."""
     buffer = io.BytesIO()
-    settings = json.dumps(_settings(analysis, view))
-    np.savez_compressed(buffer, settings=np.array(settings), **view_arrays(analysis, view))
+    np.savez_compressed(
+        buffer, settings=np.array(json.dumps(_settings(analysis, view))),
+        faithfulness=np.array(json.dumps(scores_record(scores or {}))),
+        **view_arrays(analysis, view, decoder_maps, encoder_maps))
     return buffer.getvalue()
 
 
-def to_json(analysis: Analysis, view: View) -> str:
+def to_json(analysis: Analysis, view: View, decoder_maps=None, encoder_maps=None,
+            scores: Scores | None = None) -> str:
     """The same content as :func:`to_npz`, as JSON (maps as nested lists, row 0 at the top)."""
-    arrays = {k: v.tolist() for k, v in view_arrays(analysis, view).items()}
-    return json.dumps({"settings": _settings(analysis, view), **arrays})
+    arrays = {k: v.tolist() for k, v in view_arrays(analysis, view, decoder_maps,
+                                                    encoder_maps).items()}
+    return json.dumps({"settings": _settings(analysis, view),
+                       "faithfulness": scores_record(scores or {}), **arrays})
 
 
 def figures_html(figures: list[tuple[str, go.Figure]], title: str = "detr-viz") -> str:

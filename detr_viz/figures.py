@@ -90,12 +90,13 @@ def attention_overlay(
 def decoder_grid(
     display: DisplayImage, grid: FeatureGrid, detections: list[Detection], maps: np.ndarray,
     *, opacity: float = 0.6, colorscale: str = "Viridis", smooth: bool = False,
-    height_per_row: int = 260,
+    height_per_row: int = 260, titles: Sequence[str] | None = None,
 ) -> go.Figure:
     """The notebook's figure for a page of n detections: 2 rows x n columns.
 
-    Top: each query's (n, h, w) ``maps[i]`` at feature resolution, titled "query 17: cup 0.98";
-    bottom: the photo with that query's box and its map overlaid. n = 0 gives a note.
+    Top: each query's (n, h, w) ``maps[i]`` at feature resolution, titled "query 17: cup 0.98"
+    (or ``titles[i]``); bottom: the photo with that query's box and its map overlaid. n = 0
+    gives a note.
     """
     _check_display(display, grid)
     maps = np.asarray(maps, dtype=np.float32)
@@ -105,7 +106,9 @@ def decoder_grid(
                             f"{grid.shape[0]}x{grid.shape[1]} grid need {(n, *grid.shape)}.")
     if n == 0:
         return _blank(NO_DETECTIONS, 2 * height_per_row)
-    titles = [f"query {d.query}: {d.name} {d.score:.2f}" for d in detections]
+    if titles is None:
+        titles = [f"query {d.query}: {d.name} {d.score:.2f}" for d in detections]
+    titles = list(titles)
     fig = make_subplots(rows=2, cols=n, subplot_titles=titles + [""] * n,
                         horizontal_spacing=min(0.02, 1 / max(n - 1, 1)), vertical_spacing=0.06)
     for i, (det, attention) in enumerate(zip(detections, maps, strict=True)):

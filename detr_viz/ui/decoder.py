@@ -1,0 +1,62 @@
+"""Decoder cross-attention: what each detected object looks at (a fragment of the page)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from detr_viz import figures, overview
+from detr_viz.analysis import Detection
+from detr_viz.explain import RAW, RELEVANCE
+from detr_viz.ui import layers, scores
+from detr_viz.ui.maps import decoder_maps, tag
+from detr_viz.ui.resources import Photo, Run
+
+PER_PAGE = 4
+
+
+def _title(det: Detection, method: str) -> str:
+    title = f"query {det.query}: {det.name} {det.score:.2f}"
+    return title + f" (relevance for {det.name})" if method == RELEVANCE else title
+
+
+def shown_detections(run: Run, photo: Photo, threshold: float) -> list[Detection]:
+    """The page of detections the grid shows (a page control appears past ``PER_PAGE``)."""
+    detections = run.analysis.detections(threshold)
+    pages = max(1, -(-len(detections) // PER_PAGE))
+    page = 1
+    if pages > 1:
+        st.caption(f"{len(detections)} detections, {PER_PAGE} per page")
+        page = st.pagination(pages, key=f"page-{photo.digest}")
+    return detections[(page - 1) * PER_PAGE: page * PER_PAGE]
+
+
+@st.fragment
+def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style: dict) -> None:
+    layers.apply_pick("dec")
+    cols = st.columns([1, 1, 2])
+    layer, head = layers.layer_and_head("dec", cols)
+    if method != RAW:
+        cols[2].caption(f"**{method}** combines every layer and head; layer and head apply "
+                        "to raw attention and to the overview below.")
+    shown = shown_detections(run, photo, threshold)
+    queries = [d.query for d in shown]
+    maps = decoder_maps(photo, run, method, queries, layer, head)
+    width, height = run.analysis.original_size  # rows as tall as a column's photo, + a title
+    row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
+    st.plotly_chart(figures.decoder_grid(photo.panel, run.analysis.grid, shown, maps,
+                                         height_per_row=row, titles=[_title(d, method)
+                                                                     for d in shown], **style),
+                    key="decoder-grid")
+    if shown:
+        scores.score_row(run, photo, shown, dict(zip(queries, maps, strict=True)),
+                         tag(method, layer, head))
+        _overview(run, photo, shown, (layer, head), style)
+
+
+def _overview(run: Run, photo: Photo, shown: list[Detection], current, style) -> None:
+    with st.expander("Every layer and head, for one detection"):
+        names = {f"query {d.query}: {d.name} {d.score:.2f}": d for d in shown}
+        det = names[st.selectbox("Detection", list(names), key="dec-overview-query")]
+        maps = overview.decoder_overview(run.analysis, det.query)
+        layers.overview("dec", maps, current, photo.display, run.analysis.grid,
+                        style["colorscale"], box=det.box)

@@ -1,0 +1,100 @@
+"""Encoder self-attention around clicked points (a fragment of the page)."""
+
+from __future__ import annotations
+
+import streamlit as st
+from PIL import Image, ImageDraw
+from streamlit_image_coordinates import streamlit_image_coordinates
+
+from detr_viz import figures, overview
+from detr_viz.analysis import INCOMING, OUTGOING, Analysis
+from detr_viz.display import display_to_original
+from detr_viz.explain import RAW, RELEVANCE
+from detr_viz.ui import layers
+from detr_viz.ui.maps import encoder_maps
+from detr_viz.ui.resources import Photo, Run
+
+MAX_POINTS = 4  # encoder reference points kept side by side, as in the classic notebook
+DIRECTIONS = {"what looks at the point": INCOMING, "where the point looks": OUTGOING}
+
+
+def points_of(photo: Photo, analysis: Analysis) -> list[tuple[float, float]]:
+    """This photo's encoder reference points (original pixels), seeded with the best box."""
+    key = f"points-{photo.digest}"
+    if key not in st.session_state:
+        best = analysis.detections(0.0)[0].box
+        x, y = (best[0] + best[2]) / 2, (best[1] + best[3]) / 2
+        w, h = analysis.original_size
+        st.session_state[key] = [(min(max(x, 0), w), min(max(y, 0), h))]
+    return st.session_state[key]
+
+
+def marked(photo: Photo, analysis: Analysis, point: tuple[float, float] | None) -> Image.Image:
+    """The click image with the chosen cell outlined and its centre marked."""
+    image = photo.click.copy()
+    if point is not None:
+        sx, sy = image.width / photo.image.width, image.height / photo.image.height
+        x0, y0, x1, y1 = analysis.grid.cell_bounds(*analysis.grid.cell_at(*point))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline="red", width=2)
+        draw.ellipse([point[0] * sx - 3, point[1] * sy - 3, point[0] * sx + 3, point[1] * sy + 3],
+                     fill="red")
+    return image
+
+
+def take_click(photo: Photo, analysis: Analysis, points: list[tuple[float, float]]) -> None:
+    """Add the click component's latest click (read from its state) to ``points``, once."""
+    click = st.session_state.get(f"click-{photo.digest}")
+    seen = f"seen-{photo.digest}"
+    if not click or click.get("unix_time") == st.session_state.get(seen):
+        return
+    st.session_state[seen] = click.get("unix_time")
+    point = display_to_original(click["x"], click["y"], (click["width"], click["height"]),
+                                analysis.original_size)
+    points[:] = (points + [point])[-MAX_POINTS:]
+
+
+def target_of(run: Run, threshold: float) -> int | None:
+    """The detection whose relevance the encoder maps show (a selectbox), or None."""
+    kept = run.analysis.detections(threshold) or run.analysis.detections(0.0)[:1]
+    names = {f"query {d.query}: {d.name} {d.score:.2f}": d.query for d in kept}
+    return names[st.selectbox("Relevance for detection", list(names), key="enc-target")]
+
+
+@st.fragment
+def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style: dict,
+                    points: list[tuple[float, float]]) -> None:
+    analysis = run.analysis
+    take_click(photo, analysis, points)  # before drawing, so the image shows the new point
+    layers.apply_pick("enc")
+    cols = st.columns([1, 1, 2])
+    layer, head = layers.layer_and_head("enc", cols)
+    direction = DIRECTIONS[cols[2].radio(
+        "Encoder map shows", list(DIRECTIONS), key="enc-direction", horizontal=True,
+        help="Column (the notebook's reading) or row of the encoder self-attention at the "
+             "clicked cell.")]
+    target = target_of(run, threshold) if method == RELEVANCE else None
+    left, right = st.columns([1, 1])
+    with left:
+        st.caption("Click the photo to pick a reference point (the last four are kept).")
+        streamlit_image_coordinates(
+            marked(photo, analysis, points[-1] if points else None), key=f"click-{photo.digest}",
+            use_column_width="always", image_format="JPEG", jpeg_quality=85, cursor="crosshair")
+        st.button("Clear points", disabled=not points, on_click=points.clear)
+    maps = encoder_maps(photo, run, method, points, layer, head, direction, target)
+    with right:
+        if points:
+            cell = analysis.grid.cell_at(*points[-1])
+            title = f"cell {cell} of {analysis.feature_hw[0]}x{analysis.feature_hw[1]}"
+            title += "" if method == RAW else f" ({method})"
+            st.plotly_chart(figures.attention_heatmap(maps[-1], title, style["colorscale"],
+                                                      marker_cell=cell), key="encoder-map")
+        else:
+            st.info("No reference point: click the photo.")
+    st.plotly_chart(figures.encoder_panels(photo.panel, analysis.grid, points, maps, **style),
+                    key="encoder-panels")
+    if points:
+        with st.expander("Every layer and head, at the last point"):
+            grid = overview.encoder_overview(analysis, points[-1], direction)
+            layers.overview("enc", grid, (layer, head), photo.display, analysis.grid,
+                            style["colorscale"], point=points[-1])

@@ -1,0 +1,198 @@
+"""What the page keeps across reruns: models, photos, analyses and explanation maps.
+
+Cached at the boundary (STYLE.md): a model once per (variant, checkpoint), an analysis once per
+(photo, variant), rollout and the random baseline once per analysis, relevance once per
+(analysis, query) and faithfulness scores once per (map, query). Every slider move, page, click
+and method switch afterwards is a cheap function of these.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from detr_viz import DETR, Analysis, analyze, explain, faithfulness, load_image
+from detr_viz.display import DisplayImage, display_image
+from detr_viz.model import VARIANTS
+from detr_viz.weights import (
+    checkpoint_provenance,
+    find_checkpoint,
+    load_model,
+    resolve_checkpoint,
+)
+
+CLICK_SIDE = 720  # longest side of the JPEG sent to the click component, pixels
+PANEL_SIDE = 512  # longest side of the JPEG in small panels (grids, comparisons)
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded photo and its browser-sized copies (cached per file content)."""
+
+    digest: str
+    image: Image.Image  # oriented RGB, original pixels
+    display: DisplayImage  # JPEG for the large Plotly figures
+    panel: DisplayImage  # smaller JPEG for figures of many small panels
+    click: Image.Image  # small copy for the click component
+
+
+@dataclass(frozen=True)
+class Run:
+    """One variant's model and its analysis of the photo: what every section draws from."""
+
+    variant: str
+    checkpoint: str
+    model: DETR
+    analysis: Analysis
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.variant, self.checkpoint
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def get_model(variant: str, checkpoint: str) -> DETR:
+    return load_model(variant, checkpoint=checkpoint)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def get_provenance(variant: str, checkpoint: str) -> str:
+    return checkpoint_provenance(checkpoint, variant)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def get_photo(digest: str, _data: bytes) -> Photo:
+    image = load_image(_data)
+    scale = min(1.0, CLICK_SIDE / max(image.size))  # never enlarged, never a full-size copy
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    click = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return Photo(digest, image, display_image(image), display_image(image, PANEL_SIDE), click)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def get_analysis(digest: str, variant: str, checkpoint: str, _photo: Photo) -> Analysis:
+    return analyze(get_model(variant, checkpoint), _photo.image)
+
+
+def ensure_checkpoint(variant: str) -> str:
+    """Path of the variant's checkpoint, downloading it (with a progress bar) on first use."""
+    path = find_checkpoint(variant)
+    if path is None:
+        name = VARIANTS[variant].checkpoint
+        bar = st.progress(0.0, text=f"Downloading {name} (first run only)...")
+
+        def progress(done: int, total: int | None) -> None:
+            text = f"Downloading {name}: {done / 2**20:.0f}"
+            text += f" of {total / 2**20:.0f} MB" if total else " MB"
+            bar.progress(min(done / total, 1.0) if total else 0.0, text=text)
+
+        path = resolve_checkpoint(variant, progress=progress)
+        bar.empty()
+    return str(Path(path))
+
+
+def get_run(photo: Photo, variant: str) -> Run:
+    checkpoint = ensure_checkpoint(variant)
+    with st.spinner(f"Running DETR ({variant}) on the photo (once per photo and backbone)..."):
+        analysis = get_analysis(photo.digest, variant, checkpoint, photo)
+    return Run(variant, checkpoint, get_model(variant, checkpoint), analysis)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)  # DC5: 6 x 45 MB of encoder matrices
+def get_rollout(digest: str, variant: str, checkpoint: str, _analysis: Analysis):
+    return explain.rollout(_analysis)
+
+
+class Store:
+    """Per-analysis results computed on demand, keyed by whatever identifies them."""
+
+    def __init__(self) -> None:
+        self.items: dict = {}
+        self.lock = threading.Lock()
+
+    def missing(self, keys: Sequence) -> list:
+        return [k for k in keys if k not in self.items]
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def get_store(digest: str, variant: str, checkpoint: str, what: str) -> Store:
+    return Store()
+
+
+def rollout(photo: Photo, run: Run):
+    with st.spinner("Computing attention rollout (once per photo and backbone)..."):
+        return get_rollout(photo.digest, run.variant, run.checkpoint, run.analysis)
+
+
+def relevance(photo: Photo, run: Run, queries: Sequence[int]) -> np.ndarray:
+    """(n, h, w) relevance maps, computing only queries never explained before (spinner)."""
+    store = get_store(photo.digest, *run.key, "relevance")
+    with store.lock:
+        todo = store.missing(queries)
+        if todo:
+            with st.spinner(f"Computing relevance for {len(todo)} detection(s) (once each): "
+                            "one backward pass per detection..."):
+                for query, heat in zip(todo, explain.relevance(run.model, run.analysis, todo),
+                                       strict=True):
+                    store.items[query] = heat
+    h, w = run.analysis.feature_hw
+    return np.stack([store.items[q] for q in queries]) if queries else np.zeros((0, h, w))
+
+
+def encoder_relevance(photo: Photo, run: Run, query: int):
+    store = get_store(photo.digest, *run.key, "encoder-relevance")
+    with store.lock:
+        if query not in store.items:
+            with st.spinner(f"Computing the encoder's relevance for query {query} (once)..."):
+                store.items.clear()  # DC5: 270 MB per query; keep one
+                store.items[query] = explain.encoder_relevance(run.model, run.analysis, query)
+        return store.items[query]
+
+
+def with_progress(text: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A progress bar and its (update, close) functions, for long on-demand computations."""
+    bar = st.progress(0.0, text=text)
+
+    def update(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"{text} ({done} of {total} transformer runs)")
+
+    return update, bar.empty
+
+
+def baseline(photo: Photo, run: Run) -> faithfulness.RandomBaseline:
+    store = get_store(photo.digest, *run.key, "baseline")
+    with store.lock:
+        if "random" not in store.items:
+            update, done = with_progress("Random-order baseline (once per photo)")
+            store.items["random"] = faithfulness.random_baseline(run.model, run.analysis,
+                                                                 progress=update)
+            done()
+        return store.items["random"]
+
+
+def scores(photo: Photo, run: Run, query: int, maps: dict[str, np.ndarray],
+           tag: str) -> dict[str, faithfulness.Score]:
+    """Faithfulness of each named map of ``query`` (cached by ``tag`` + name: a method, with
+    layer and head for raw attention)."""
+    base = baseline(photo, run)
+    store = get_store(photo.digest, *run.key, "scores")
+    with store.lock:
+        todo = {name: m for name, m in maps.items() if (query, tag, name) not in store.items}
+        if todo:
+            update, done = with_progress(f"Scoring query {query}: deleting and inserting tokens")
+            found = faithfulness.score_maps(run.model, run.analysis, query, todo, baseline=base,
+                                            progress=update)
+            done()
+            store.items.update({(query, tag, name): s for name, s in found.items()})
+        return {name: store.items[(query, tag, name)] for name in maps}
+
+
+def known_scores(photo: Photo, run: Run, query: int, tag: str, name: str):
+    """A score computed before, or None (never computes)."""
+    return get_store(photo.digest, *run.key, "scores").items.get((query, tag, name))

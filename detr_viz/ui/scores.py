@@ -1,0 +1,75 @@
+"""Faithfulness on demand: a score under each decoder map, and the three methods ranked."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from detr_viz.analysis import Detection
+from detr_viz.explain import METHODS, RAW
+from detr_viz.faithfulness import ranking
+from detr_viz.ui import resources
+from detr_viz.ui.layers import HEADS, LAYERS
+from detr_viz.ui.maps import decoder_maps, tag
+from detr_viz.ui.resources import Photo, Run
+
+
+def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np.ndarray],
+              method_tag: str) -> None:
+    """A caption per shown map with its score once computed, and the buttons that compute."""
+    cols = st.columns(len(shown))
+    base = resources.get_store(photo.digest, *run.key, "baseline").items.get("random")
+    for col, det in zip(cols, shown, strict=True):
+        found = resources.known_scores(photo, run, det.query, method_tag, "map")
+        if found is not None and base is not None:
+            col.caption(f"query {det.query}: " + found.summary(base.curves(det.query,
+                                                                           found.label)))
+    left, right = st.columns([1, 2])
+    if left.button("Score these maps", key="score-page",
+                   help="Deletion and insertion of encoder tokens in the map's order, against "
+                        "a random order, and the share of the map inside the box. Runs the "
+                        "transformer again (not the backbone): seconds per map."):
+        for det in shown:
+            resources.scores(photo, run, det.query, {"map": maps[det.query]}, method_tag)
+        st.rerun(scope="fragment")
+    with right.popover("Rank the three methods for one detection"):
+        _ranking(run, photo, shown)
+
+
+def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
+    names = {f"query {d.query}: {d.name} {d.score:.2f}": d for d in shown}
+    det = names[st.selectbox("Detection", list(names), key="rank-query")]
+    layer = st.session_state.get("dec-layer")  # the decoder section's current choices
+    if not st.button("Compute the table", key="rank-go"):
+        return
+    layer = LAYERS.index(layer) if layer in LAYERS else 5
+    head = HEADS.index(st.session_state.get("dec-head", HEADS[0])) - 1
+    head = None if head < 0 else head
+    maps = {m: decoder_maps(photo, run, m, [det.query], layer, head)[0] for m in METHODS}
+    found = {m: resources.scores(photo, run, det.query, {"map": maps[m]}, tag(m, layer, head))
+             ["map"] for m in METHODS}
+    random = resources.baseline(photo, run).curves(det.query, found[RAW].label)
+    rows = [{"rank": i + 1, "method": m, "deletion AUC (lower is better)": found[m].deletion.auc,
+             "insertion AUC (higher is better)": found[m].insertion.auc,
+             "in the box": found[m].pointing} for i, m in enumerate(ranking(found))]
+    rows.append({"rank": None, "method": "random order", "deletion AUC (lower is better)":
+                 random[0].auc, "insertion AUC (higher is better)": random[1].auc,
+                 "in the box": None})
+    st.dataframe(rows, hide_index=True)
+    st.plotly_chart(curves_figure(found, random), key="rank-curves")
+
+
+def curves_figure(found: dict, random) -> go.Figure:
+    """Deletion (solid) and insertion (dotted) curves of each method and of the random order."""
+    fig = go.Figure()
+    for name, (deletion, insertion) in {**{m: (s.deletion, s.insertion) for m, s in
+                                           found.items()}, "random": random}.items():
+        for curve, dash in ((deletion, "solid"), (insertion, "dot")):
+            kind = "deletion" if dash == "solid" else "insertion"
+            fig.add_trace(go.Scatter(x=curve.fractions, y=curve.probability, name=f"{name}, "
+                                     f"{kind}", line={"dash": dash}, mode="lines+markers"))
+    fig.update_layout(height=360, margin={"l": 40, "r": 10, "t": 30, "b": 40},
+                      xaxis_title="fraction of tokens deleted / inserted",
+                      yaxis_title="class probability", yaxis_range=[0, 1])
+    return fig
