@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from detr_viz.capture import AttentionFactors, capture
+from detr_viz.capture import AttentionFactors, TransformerInputs, capture
 from detr_viz.coco import COCO_CLASSES
 from detr_viz.errors import ArgumentError
 from detr_viz.geometry import FeatureGrid
@@ -52,7 +52,11 @@ class Analysis:
 
     ``probabilities``: (100, 91) float32, softmax over the 92 outputs without "no object";
     ``boxes``: (100, 4) float32 normalised (cx, cy, w, h) relative to the image;
-    ``encoder`` / ``decoder``: per layer (6 each), the exact attention factors of one image.
+    ``encoder`` / ``decoder`` / ``decoder_self``: per layer (6 each), the exact attention
+    factors of one image: encoder self-attention (h * w cells), decoder cross-attention
+    (100 queries over the cells) and decoder self-attention (100 x 100);
+    ``inputs``: what the transformer was given (CNN features after ``input_proj``, padding mask,
+    position encoding), so that explanation methods can re-run it without the backbone.
     """
 
     variant: str
@@ -61,6 +65,8 @@ class Analysis:
     boxes: np.ndarray
     encoder: tuple[AttentionFactors, ...]
     decoder: tuple[AttentionFactors, ...]
+    decoder_self: tuple[AttentionFactors, ...]
+    inputs: TransformerInputs
 
     @property
     def feature_hw(self) -> tuple[int, int]:
@@ -170,11 +176,13 @@ def analyze(
     """Run ``model`` once on ``image`` (anything :func:`load_image` takes) and keep everything.
 
     The image is resized as DETR's evaluation transform does (short side ``short_side``, long
-    side at most ``max_size``) and normalised with ImageNet statistics.
+    side at most ``max_size``) and normalised with ImageNet statistics, in the model's dtype
+    (float64 models give float64 attention factors: the test oracles use that).
     """
     model_input = preprocess(load_image(image), short_side=short_side, max_size=max_size)
+    dtype = model.query_embed.weight.dtype
     with torch.inference_mode(), capture(model, features=False) as cap:
-        outputs = model(model_input.tensor)
+        outputs = model(model_input.tensor.to(dtype))
     grid = FeatureGrid(
         original_size=model_input.original_size,
         input_size=model_input.input_size,
@@ -190,4 +198,6 @@ def analyze(
         boxes=_frozen(outputs["pred_boxes"][0].numpy()),
         encoder=tuple(cap.encoder_layer(i) for i in layers),
         decoder=tuple(cap.decoder_layer(i) for i in layers),
+        decoder_self=tuple(cap.decoder_self_layer(i) for i in layers),
+        inputs=cap.inputs,
     )

@@ -8,9 +8,12 @@
 
 Hooks exist only inside the ``with`` block and are removed on any exit, exceptions included.
 Each hook records only calls made by the thread that opened the block, so one model shared by
-many threads gives every caller its own, unmixed capture. Predictions are unchanged: the model
-already computes attention weights (the official code calls ``nn.MultiheadAttention`` with its
-defaults); capture only asks for them per head.
+many threads gives every caller its own, unmixed capture. Predictions are unchanged, bit for
+bit: on detr-viz's own model (:class:`detr_viz.attention.MultiheadAttention`) capture takes the
+factors that the fused attention path computes anyway; on any other model with the official
+module paths (the torch hub DETR, say) it asks ``nn.MultiheadAttention`` for per-head weights
+and factorises them. Hooks registered by others on the same modules still see the head-averaged
+weights in ``output[1]`` (the model then takes the weight-building path for those modules).
 
 Attention is stored as its exact factors rather than as dense matrices: per head the scaled
 queries ``q`` (L, d), keys ``k`` (S, d) and the log of each row's softmax denominator ``lse``
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detr_viz.attention import CAPTURE_MARK, Fused, MultiheadAttention, observed
 from detr_viz.errors import ArgumentError
 
 
@@ -39,12 +43,12 @@ from detr_viz.errors import ArgumentError
 class AttentionFactors:
     """One multi-head attention call, per head: ``weights = softmax(q k^T + padding)``.
 
-    Tensors are CPU float32, detached, with a leading batch dimension B:
+    Tensors are detached CPU tensors in the model's dtype, with a leading batch dimension B:
     ``q`` (B, heads, L, d) already scaled by 1/sqrt(d); ``k`` (B, heads, S, d);
     ``lse`` (B, heads, L) log-sum-exp of each row of logits; ``key_padding`` (B, S) bool, True
     on padded keys (which get zero weight). For the encoder L = S = h * w (positions in
     row-major (y, x) order); for the decoder L = 100 object queries and S = h * w.
-    Every accessor returns a float32 NumPy array; ``head=None`` means the mean over heads.
+    Every accessor returns a NumPy array of that dtype; ``head=None`` means the mean over heads.
     """
 
     q: Tensor
@@ -63,21 +67,21 @@ class AttentionFactors:
 
     def rows(self, indices: Sequence[int], head: int | None = None, batch: int = 0) -> np.ndarray:
         """Weights of the given query positions over all keys: (len(indices), S), rows sum to 1."""
-        index = self._check(indices, self.shape[0], "query")
-        q, k = self._select(head, batch)
-        logits = q[:, index] @ k.transpose(1, 2) + self._bias(batch)  # (H, n, S)
-        return self._reduce(logits.softmax(-1), head)
+        return self._reduce(self._row_weights(indices, head, batch), head)
 
     def columns(
         self, indices: Sequence[int], head: int | None = None, batch: int = 0
     ) -> np.ndarray:
         """Weights that every query position gives the given keys: (len(indices), L)."""
-        index = self._check(indices, self.shape[1], "key")
-        q, k = self._select(head, batch)
-        lse = self.lse[batch] if head is None else self.lse[batch, head : head + 1]
-        logits = k[:, index] @ q.transpose(1, 2) - lse[:, None, :]  # (H, n, L)
-        weights = logits.exp() * ~self.key_padding[batch, index][None, :, None]
-        return self._reduce(weights, head)
+        return self._reduce(self._column_weights(indices, head, batch), head)
+
+    def head_rows(self, indices: Sequence[int], batch: int = 0) -> np.ndarray:
+        """:meth:`rows` of every head in one product: (heads, len(indices), S)."""
+        return self._row_weights(indices, None, batch).numpy()
+
+    def head_columns(self, indices: Sequence[int], batch: int = 0) -> np.ndarray:
+        """:meth:`columns` of every head in one product: (heads, len(indices), L)."""
+        return self._column_weights(indices, None, batch).numpy()
 
     def row(self, index: int, head: int | None = None, batch: int = 0) -> np.ndarray:
         return self.rows([index], head, batch)[0]
@@ -88,6 +92,19 @@ class AttentionFactors:
     def dense(self, head: int | None = None, batch: int = 0) -> np.ndarray:
         """The whole (L, S) weight matrix; large for DC5 encoders (45 MB per head)."""
         return self.rows(range(self.shape[0]), head, batch)
+
+    def _row_weights(self, indices: Sequence[int], head: int | None, batch: int) -> Tensor:
+        index = self._check(indices, self.shape[0], "query")
+        q, k = self._select(head, batch)
+        logits = q[:, index] @ k.transpose(1, 2) + self._bias(batch)  # (H, n, S)
+        return logits.softmax(-1)
+
+    def _column_weights(self, indices: Sequence[int], head: int | None, batch: int) -> Tensor:
+        index = self._check(indices, self.shape[1], "key")
+        q, k = self._select(head, batch)
+        lse = self.lse[batch] if head is None else self.lse[batch, head : head + 1]
+        logits = k[:, index] @ q.transpose(1, 2) - lse[:, None, :]  # (H, n, L)
+        return logits.exp() * ~self.key_padding[batch, index][None, :, None]
 
     def _check(self, indices: Sequence[int], size: int, what: str) -> list[int]:
         index = [int(i) for i in indices]
@@ -104,7 +121,8 @@ class AttentionFactors:
         return self.q[batch, head : head + 1], self.k[batch, head : head + 1]
 
     def _bias(self, batch: int) -> Tensor:
-        return torch.zeros(self.shape[1]).masked_fill(self.key_padding[batch], -math.inf)
+        bias = torch.zeros(self.shape[1], dtype=self.q.dtype)
+        return bias.masked_fill(self.key_padding[batch], -math.inf)
 
     @staticmethod
     def _reduce(weights: Tensor, head: int | None) -> np.ndarray:
@@ -138,14 +156,40 @@ def _factorise(module: nn.MultiheadAttention, args: tuple, kwargs: dict, weights
                             padding.detach().cpu().bool())
 
 
+def _detached(fused: Fused) -> AttentionFactors:
+    pad = fused.key_padding
+    if pad is None:
+        pad = torch.zeros(fused.k.shape[0], fused.k.shape[2], dtype=torch.bool)
+    return AttentionFactors(fused.q.detach().cpu(), fused.k.detach().cpu(),
+                            fused.lse.detach().cpu(), pad.detach().cpu())
+
+
+@dataclass(frozen=True, eq=False)
+class TransformerInputs:
+    """What ``model.transformer`` was called with: everything after the backbone.
+
+    ``src`` (B, 256, h, w): CNN features after ``input_proj``; ``mask`` (B, h, w) bool, True on
+    padding; ``pos`` (B, 256, h, w): the sine position encoding. Re-running the transformer on
+    these (``detr_viz.replay``) reproduces the model's outputs without the backbone.
+    """
+
+    src: Tensor
+    mask: Tensor
+    pos: Tensor
+
+
 @dataclass
 class Capture:
     """What one ``with capture(model)`` block recorded (from the last forward pass inside it).
 
     ``features``: CNN feature map (B, 2048, h, w), or None if not requested;
     ``feature_mask``: (B, h, w) bool, True on padding;
-    ``encoder`` / ``decoder``: layer index -> :class:`AttentionFactors` (negative indices
-    work as for lists); ``calls``: forward passes seen.
+    ``encoder`` / ``decoder`` / ``decoder_self``: layer index -> :class:`AttentionFactors` of
+    the encoder self-attention, the decoder cross-attention (100 queries over h * w cells) and
+    the decoder self-attention (100 x 100); ``inputs``: the transformer's
+    :class:`TransformerInputs`; ``live``: with ``capture(live=True)``, (part, layer) -> the
+    :class:`~detr_viz.attention.Fused` tensors as computed (part in "encoder", "decoder",
+    "decoder_self"); ``calls``: backbone forward passes seen.
     """
 
     num_layers: int
@@ -153,6 +197,9 @@ class Capture:
     feature_mask: Tensor | None = None
     encoder: dict[int, AttentionFactors] = field(default_factory=dict)
     decoder: dict[int, AttentionFactors] = field(default_factory=dict)
+    decoder_self: dict[int, AttentionFactors] = field(default_factory=dict)
+    inputs: TransformerInputs | None = None
+    live: dict[tuple[str, int], Fused] = field(default_factory=dict)
     calls: int = 0
 
     def encoder_layer(self, layer: int) -> AttentionFactors:
@@ -160,6 +207,9 @@ class Capture:
 
     def decoder_layer(self, layer: int) -> AttentionFactors:
         return self._layer(self.decoder, layer, "decoder")
+
+    def decoder_self_layer(self, layer: int) -> AttentionFactors:
+        return self._layer(self.decoder_self, layer, "decoder self-attention")
 
     def _layer(self, store: dict, layer: int, kind: str) -> AttentionFactors:
         if not -self.num_layers <= layer < self.num_layers:
@@ -190,35 +240,51 @@ def capture(
     features: bool = True,
     encoder_layers: Sequence[int] | None = None,
     decoder_layers: Sequence[int] | None = None,
+    decoder_self_layers: Sequence[int] | None = None,
+    live: bool = False,
 ) -> Iterator[Capture]:
     """Record CNN features and per-head attention of ``model``'s forward passes in this thread.
 
-    ``encoder_layers`` / ``decoder_layers``: indices to capture (None: all; [] none).
-    Works on any model with the official module paths (``backbone[-2]``,
-    ``transformer.encoder.layers[i].self_attn``, ``transformer.decoder.layers[i].multihead_attn``).
+    ``encoder_layers`` / ``decoder_layers`` / ``decoder_self_layers``: indices to capture (None:
+    all; [] none). Works on any model with the official module paths (``backbone[-2]``,
+    ``transformer.encoder.layers[i].self_attn``, ``transformer.decoder.layers[i].multihead_attn``
+    and ``.self_attn``). ``live=True`` (detr-viz's model only, for methods that differentiate
+    through attention) also keeps each call's tensors as computed, graph included, in
+    ``Capture.live``; inside such a block other hooks on these modules see ``output[1] = None``.
     """
     owner = threading.get_ident()
     enc = model.transformer.encoder.layers
     dec = model.transformer.decoder.layers
     result = Capture(num_layers=len(enc))
-    targets = [(enc[i].self_attn, result.encoder, i) for i in _layers(encoder_layers, len(enc))]
-    targets += [
-        (dec[i].multihead_attn, result.decoder, i) for i in _layers(decoder_layers, len(dec))
-    ]
+    targets = [(enc[i].self_attn, "encoder", i) for i in _layers(encoder_layers, len(enc))]
+    targets += [(dec[i].multihead_attn, "decoder", i) for i in _layers(decoder_layers, len(dec))]
+    targets += [(dec[i].self_attn, "decoder_self", i)
+                for i in _layers(decoder_self_layers, len(dec))]
+    if live and not all(isinstance(m, MultiheadAttention) for m, _, _ in targets):
+        raise ArgumentError("capture(live=True) needs detr-viz's model (detr_viz.load_model or "
+                            "build_model): its attention modules give the factors with a graph.")
 
     # Other threads may call these hooks, even with the kwargs argument missing while another
     # thread registers or removes hooks (torch reads its hook tables twice), so the owner
     # check comes before anything else and the signatures take what they are given.
-    def per_head(module, args, *kwargs):
+    def ask(part, index, module, args, *kwargs):
         if threading.get_ident() != owner:
             return None
+        if live or (isinstance(module, MultiheadAttention) and not observed(module)):
+            def keep(fused: Fused) -> None:
+                getattr(result, part)[index] = _detached(fused)
+                if live:
+                    result.live[(part, index)] = fused
+            return args, {**kwargs[0], "need_weights": False, "on_fused": keep}
         return args, {**kwargs[0], "need_weights": True, "average_attn_weights": False}
 
-    def record_attention(store, index, module, args, *kwargs_and_output):
+    def record_attention(part, index, module, args, *kwargs_and_output):
         if threading.get_ident() != owner:
             return None
         kwargs, (attn_output, weights) = kwargs_and_output
-        store[index] = _factorise(module, args, kwargs, weights)
+        if weights is None:  # the fused path: ``keep`` has the factors already
+            return None
+        getattr(result, part)[index] = _factorise(module, args, kwargs, weights)
         # hooks registered after ours see what the unhooked call returns: head-averaged weights
         return attn_output, weights.mean(dim=1)
 
@@ -229,16 +295,22 @@ def capture(
             result.feature_mask = output["0"].mask.detach().cpu()
             result.calls += 1
 
+    def record_inputs(module, args, kwargs):
+        if threading.get_ident() == owner:
+            src, mask, _, pos = (*args, *kwargs.values())[:4]
+            keep = (lambda t: t) if live else (lambda t: t.detach().cpu())
+            result.inputs = TransformerInputs(keep(src), keep(mask), keep(pos))
+
     handles = []
     try:
         handles.append(model.backbone[-2].register_forward_hook(record_features))
-        for module, store, index in targets:
-            handles.append(module.register_forward_pre_hook(per_head, with_kwargs=True))
-            handles.append(
-                module.register_forward_hook(
-                    partial(record_attention, store, index), with_kwargs=True
-                )
-            )
+        handles.append(model.transformer.register_forward_pre_hook(record_inputs,
+                                                                   with_kwargs=True))
+        for module, part, index in targets:
+            pre, post = partial(ask, part, index), partial(record_attention, part, index)
+            setattr(post, CAPTURE_MARK, True)  # reads output[1] only to factorise it
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield result
     finally:
         for handle in handles:

@@ -12,6 +12,7 @@ import http.client
 import os
 import re
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def download_checkpoint(
                 f"{digest[: len(expected)]}, not {expected}. Nothing was saved; try again."
             )
         os.replace(tmp, dest)
+        remember_sha256(dest, digest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -135,12 +137,49 @@ def file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> SHA-256
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_MAX = 16
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record that the file now at ``path`` has SHA-256 ``digest`` (hex), for
+    :func:`cached_file_sha256`; the record lapses when the file's size or mtime changes."""
+    _remember(_file_key(path), digest)
+
+
+def _remember(key: tuple[str, int, int], digest: str) -> None:
+    with _DIGESTS_LOCK:
+        if key not in _DIGESTS and len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.pop(next(iter(_DIGESTS)))  # the oldest record
+        _DIGESTS[key] = digest
+
+
+def cached_file_sha256(path: Path) -> str:
+    """:func:`file_sha256`, computed at most once per process for one file version, keyed by
+    resolved path, size and mtime (ns): loading a checkpoint and asking whether it is the
+    official release hash it once. A file rewritten in place with the same size within the
+    file system's mtime resolution would be missed; checkpoints are replaced, not edited."""
+    key = _file_key(path)  # taken before reading: a change while hashing gives a new key
+    with _DIGESTS_LOCK:
+        digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = file_sha256(path)
+        _remember(key, digest)
+    return digest
+
+
 def verify_hash(path: Path) -> None:
     """Raise :class:`CorruptCheckpointError` if ``path`` fails the hash prefix in its name."""
     expected = hash_prefix(path.name)
     if expected is None:
         return
-    if not file_sha256(path).startswith(expected):
+    if not cached_file_sha256(path).startswith(expected):
         raise CorruptCheckpointError(
             f"{path} fails its SHA-256 check (its name says {expected}): it is damaged or "
             f"incomplete. Delete {path} and download it again."

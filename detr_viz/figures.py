@@ -249,3 +249,16 @@ def _style(fig: go.Figure, height: int, title: str | None) -> go.Figure:
     fig.update_layout(height=height, margin=_MARGIN, showlegend=False,
                       plot_bgcolor="rgba(0,0,0,0)", title={"text": title} if title else None)
     return fig
+
+
+# The building blocks of the other figure modules (overview_figures, compare_figures), so that
+# every figure draws in the same frames: the photo spans [0, W] x [0, H] with y down, and a
+# map's cells lie where the feature grid puts them.
+photo_trace = _photo
+overlay_trace = _overlay
+box_trace = _box
+add_marker = _add_marker
+photo_axes = _photo_axes
+check_display = _check_display
+blank_figure = _blank
+style_figure = _style

@@ -217,7 +217,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_gray8(image: Image.Image) -> Image.Image:
-    """Map 16-bit ('I;16*', 'I') or float ('F') samples to 8-bit 'L', strip by strip."""
+    """Map 16-bit ('I;16*', 'I') or float ('F') samples to 8-bit 'L', strip by strip.
+
+    A transparent grey value (a PNG tRNS chunk: ``info["transparency"]``, an int) gives 'LA'
+    with alpha 0 exactly where the stored sample equals it, so it goes on white like 8-bit grey.
+    """
     factor = 1 / 257  # modes 'I;16*'
     if image.mode in ("F", "I"):
         low, high = image.getextrema()
@@ -225,13 +229,18 @@ def _to_gray8(image: Image.Image) -> Image.Image:
             factor = 255.0 if low >= 0.0 and high <= 1.0 else 1.0
         elif high <= 255:
             factor = 1.0
+    key = image.info.get("transparency") if image.mode != "F" else None
+    key = key if isinstance(key, int) and not isinstance(key, bool) else None
     width, height = image.size
-    out = np.empty((height, width), dtype=np.uint8)
+    out = np.empty((height, width, 1 if key is None else 2), dtype=np.uint8)
     for top in range(0, height, _STRIP_ROWS):
         box = (0, top, width, min(top + _STRIP_ROWS, height))
-        strip = np.asarray(image.crop(box), dtype=np.float64) * factor
-        out[top : top + strip.shape[0]] = np.clip(np.nan_to_num(np.rint(strip)), 0, 255)
-    return Image.fromarray(out, mode="L")
+        raw = np.asarray(image.crop(box), dtype=np.float64)
+        rows = slice(top, top + raw.shape[0])
+        out[rows, :, 0] = np.clip(np.nan_to_num(np.rint(raw * factor)), 0, 255)
+        if key is not None:
+            out[rows, :, 1] = np.where(raw == key, 0, 255)
+    return Image.fromarray(out[..., 0], mode="L") if key is None else Image.fromarray(out)  # LA
 
 
 def resized_hw(

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_viz.attention import MultiheadAttention, observed
 from detr_viz.errors import ArgumentError
 from detr_viz.resnet import ResNet
 
@@ -48,6 +49,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("detr_resnet101_dc5", "resnet101", True, "detr-r101-dc5-a2e86def.pth"),
     )
 }
+
+DEFAULT_VARIANT = "detr_resnet50"
 
 
 def get_variant(name: str) -> Variant:
@@ -152,7 +155,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead)
+        self.self_attn = MultiheadAttention(d_model, nhead)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -160,7 +163,10 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, key_padding_mask: Tensor, pos: Tensor) -> Tensor:
         q = k = _with_pos(src, pos)
-        attended = self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask)[0]
+        # need_weights only when a hook may read output[1] (the head-averaged weights, as the
+        # official call gives them); otherwise the fused path, which never builds the matrices
+        attended = self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask,
+                                  need_weights=observed(self.self_attn))[0]
         src = self.norm1(src + attended)
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
@@ -170,8 +176,8 @@ class TransformerDecoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead)
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead)
+        self.self_attn = MultiheadAttention(d_model, nhead)
+        self.multihead_attn = MultiheadAttention(d_model, nhead)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -182,12 +188,14 @@ class TransformerDecoderLayer(nn.Module):
         self, tgt: Tensor, memory: Tensor, key_padding_mask: Tensor, pos: Tensor, query_pos: Tensor
     ) -> Tensor:
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.self_attn(q, k, value=tgt)[0])
+        tgt = self.norm1(tgt + self.self_attn(q, k, value=tgt,
+                                              need_weights=observed(self.self_attn))[0])
         tgt2 = self.multihead_attn(
             query=_with_pos(tgt, query_pos),
             key=_with_pos(memory, pos),
             value=memory,
             key_padding_mask=key_padding_mask,
+            need_weights=observed(self.multihead_attn),
         )[0]
         tgt = self.norm2(tgt + tgt2)
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
@@ -316,7 +324,7 @@ class DETR(nn.Module):
         }
 
 
-def build_model(variant: str = "detr_resnet50") -> DETR:
+def build_model(variant: str = DEFAULT_VARIANT) -> DETR:
     """A randomly initialised DETR of the named variant, in eval mode; never touches the network.
 
     Load real weights with :func:`detr_viz.load_model`.

@@ -1,12 +1,16 @@
 """Find, download, vet and load DETR checkpoints; a checkpoint file can never run code.
 
-:func:`load_model` takes the first of: the explicit ``checkpoint`` path;
-``$DETR_VIZ_WEIGHTS/<official name>``; ``<torch.hub.get_dir()>/checkpoints/<official name>``;
-a download of ``CHECKPOINT_URL + <official name>`` into that hub folder. A download streams into
-a temporary file beside its destination, is checked against the SHA-256 prefix in its name, and
-only then takes the final name, so a half file never sits there. Files are read with
-``torch.load(weights_only=True)`` only, and the state dict's keys and shapes are compared with the
-variant's before loading: a foreign, damaged or wrong-variant file raises a typed
+:func:`load_model` takes the first of (see :func:`describe_sources`): the explicit
+``checkpoint`` path; ``$DETR_VIZ_WEIGHTS/<official name>``; a Hugging Face checkpoint in
+``$DETR_VIZ_WEIGHTS`` (the folder ``<repo name>``, e.g. ``detr-resnet-50/``, or the folder itself
+when its config.json is for the variant); ``<torch.hub.get_dir()>/checkpoints/<official name>``;
+the Hugging Face hub cache (``models--facebook--detr-resnet-50/snapshots/*/``); a download of
+``CHECKPOINT_URL + <official name>`` into the torch hub folder. A download streams into a
+temporary file beside its destination, is checked against the SHA-256 prefix in its name, and
+only then takes the final name, so a half file never sits there. Official files are read with
+``torch.load(weights_only=True)`` only, Hugging Face ones (:mod:`detr_viz.hf_checkpoint`) with
+safetensors or that, and the state dict's keys and shapes are compared with the variant's before
+loading: a foreign, damaged or wrong-variant file raises a typed
 :class:`~detr_viz.errors.WeightsError` saying what to do, never a silently wrong model.
 """
 
@@ -17,16 +21,15 @@ import os
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from detr_viz.download import (
-    WEIGHTS_ENV,
     Progress,
+    cached_file_sha256,
     download_checkpoint,
-    file_sha256,
     hash_prefix,
     manual_advice,
     verify_hash,
@@ -38,14 +41,49 @@ from detr_viz.errors import (
     WeightsUnavailableError,
     WrongVariantError,
 )
-from detr_viz.model import CHECKPOINT_URL, DETR, VARIANTS, Variant, build_model, get_variant
+from detr_viz.hf_checkpoint import (
+    checkpoint_variant,
+    is_hf_checkpoint,
+    open_checkpoint,
+    read_safetensors,
+)
+from detr_viz.hf_keys import to_detr_state_dict
+from detr_viz.lookup import (
+    checkpoint_candidates,
+    checkpoint_url,
+    describe_sources,
+    find_checkpoint,
+    hf_advice,
+    hf_checkpoint_candidates,
+    hub_checkpoint_dir,
+)
+from detr_viz.model import DEFAULT_VARIANT, DETR, VARIANTS, Variant, build_model, get_variant
 
 Downloader = Callable[[str, Path, Progress | None], Path]  # (url, dest, progress) -> dest
 Shapes = dict[str, tuple[int, ...]]
+Provenance = Literal["official", "huggingface", "other"]
+_HF_PREFIXES = ("class_labels_classifier.", "bbox_predictor.", "model.backbone.", "model.encoder.",
+                "model.decoder.", "model.input_projection.", "model.query_position_embeddings.")
+__all__ = [  # with names kept here from detr_viz.lookup and detr_viz.hf_checkpoint
+    "check_state_dict",
+    "checkpoint_candidates",
+    "checkpoint_provenance",
+    "checkpoint_url",
+    "checkpoint_variant",
+    "describe_sources",
+    "find_checkpoint",
+    "hf_checkpoint_candidates",
+    "hub_checkpoint_dir",
+    "is_official_release",
+    "load_checkpoint",
+    "load_model",
+    "read_checkpoint",
+    "resolve_checkpoint",
+]
 
 
 def load_model(
-    variant: str = "detr_resnet50",
+    variant: str | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     *,
@@ -53,10 +91,16 @@ def load_model(
 ) -> DETR:
     """``variant`` with its weights loaded (``strict=True``), in eval mode.
 
+    ``variant`` None means the variant of ``checkpoint`` when that is a Hugging Face checkpoint
+    (from its config.json), else ``"detr_resnet50"``; a given variant that the Hugging Face
+    config contradicts raises :class:`WrongVariantError` naming the right one.
     ``download``: None or True uses :func:`download_checkpoint`; False never downloads (a missing
     file raises :class:`WeightsUnavailableError`); a callable ``(url, dest, progress) -> path``
     replaces the downloader. ``progress(done, total)`` reports download bytes.
     """
+    if variant is None:
+        hf = checkpoint is not None and is_hf_checkpoint(Path(checkpoint).expanduser())
+        variant = checkpoint_variant(Path(checkpoint).expanduser()) if hf else DEFAULT_VARIANT
     path = resolve_checkpoint(variant, checkpoint, progress, download=download)
     state = load_checkpoint(path, variant)
     model = build_model(variant)
@@ -64,37 +108,33 @@ def load_model(
     return model.eval()
 
 
-def hub_checkpoint_dir() -> Path:
-    """torch hub's checkpoint folder, read now (honours TORCH_HOME and torch.hub.set_dir)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def checkpoint_url(variant: str) -> str:
-    """Where the official checkpoint of ``variant`` is downloaded from."""
-    return CHECKPOINT_URL + get_variant(variant).checkpoint
-
-
 def is_official_release(path: str | os.PathLike[str], variant: str) -> bool:
     """Whether the file at ``path`` is byte for byte the released checkpoint of ``variant``.
 
-    Compares its SHA-256 with the prefix in the official file name (0.3 s for 160 MB). A file
-    that loads but is not the release (fine-tuned, re-saved, a stand-in) gives False, so a page
-    can say that its detections are not those of the published model.
+    Compares its SHA-256 with the prefix in the official file name (0.3 s for 160 MB, computed
+    once per file version and process: loading it already did). A file that loads but is not
+    the release (fine-tuned, re-saved, a stand-in) gives False, and so do folders and missing
+    files, so a page can say that its detections are not those of the published model.
     """
-    return file_sha256(Path(path)).startswith(hash_prefix(get_variant(variant).checkpoint))
+    path = Path(path)
+    expected = hash_prefix(get_variant(variant).checkpoint)
+    return path.is_file() and cached_file_sha256(path).startswith(expected)
 
 
-def checkpoint_candidates(variant: str) -> list[Path]:
-    """Where :func:`load_model` looks for the official file, in order ($DETR_VIZ_WEIGHTS first)."""
-    name = get_variant(variant).checkpoint
-    folder = os.environ.get(WEIGHTS_ENV)
-    folders = [Path(folder).expanduser()] if folder else []
-    return [f / name for f in [*folders, hub_checkpoint_dir()]]
+def checkpoint_provenance(path: str | os.PathLike[str], variant: str) -> Provenance:
+    """Where the checkpoint at ``path`` comes from, for a page to say so.
 
-
-def find_checkpoint(variant: str) -> Path | None:
-    """The first candidate file that exists, or None (then :func:`load_model` downloads)."""
-    return next((p for p in checkpoint_candidates(variant) if p.is_file()), None)
+    ``"official"``: byte for byte the released file of ``variant`` (:func:`is_official_release`).
+    ``"huggingface"``: a Hugging Face checkpoint (a folder with config.json, or its weights
+    file), such as the transformers port ``facebook/detr-resnet-50``. Its bytes cannot be
+    verified: the DETR release publishes hashes of its .pth files only, and the port renames
+    and re-saves the tensors, so no byte-for-byte check exists; it is whatever that folder holds.
+    ``"other"``: any other file (fine-tuned, re-saved, a stand-in).
+    """
+    path = Path(path).expanduser()
+    if is_hf_checkpoint(path):
+        return "huggingface"
+    return "official" if is_official_release(path, variant) else "other"
 
 
 def resolve_checkpoint(
@@ -104,8 +144,9 @@ def resolve_checkpoint(
     *,
     download: bool | Downloader | None = None,
 ) -> Path:
-    """The file :func:`load_model` reads, downloading the official one into the hub cache if
-    no candidate exists (see :func:`load_model` for ``download``)."""
+    """The file (or Hugging Face checkpoint folder) :func:`load_model` reads, downloading the
+    official file into the hub cache if no candidate exists (see :func:`load_model` for
+    ``download``)."""
     name = get_variant(variant).checkpoint
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -119,13 +160,19 @@ def resolve_checkpoint(
     if found is not None:
         return found
     if download is False:
-        places = ", ".join(map(str, checkpoint_candidates(variant)))
         raise WeightsUnavailableError(
-            f"No checkpoint for {variant}: looked for {places}, and downloads are off. "
+            f"No checkpoint for {variant} was found, and downloads are off. detr-viz takes the "
+            "first of:\n"
+            f"{describe_sources(variant)}\n"
             + manual_advice(name, hub_checkpoint_dir())
+            + " "
+            + hf_advice(variant)
         )
     downloader = download_checkpoint if download is None or download is True else download
-    return Path(downloader(checkpoint_url(variant), hub_checkpoint_dir() / name, progress))
+    try:
+        return Path(downloader(checkpoint_url(variant), hub_checkpoint_dir() / name, progress))
+    except WeightsUnavailableError as exc:
+        raise WeightsUnavailableError(f"{exc} {hf_advice(variant)}") from exc
 
 
 def load_checkpoint(path: str | os.PathLike[str], variant: str) -> dict[str, Tensor]:
@@ -133,8 +180,12 @@ def load_checkpoint(path: str | os.PathLike[str], variant: str) -> dict[str, Ten
 
     Files in the hub cache are also checked against the SHA-256 prefix in their name; files
     the user points to (``checkpoint=`` or ``$DETR_VIZ_WEIGHTS``) are vetted by content only.
+    A Hugging Face checkpoint (a folder, or a weights file beside its config.json) is vetted by
+    its config.json (variant, classes, queries), then renamed to the official keys.
     """
     path = Path(path)
+    if is_hf_checkpoint(path):
+        return _load_hf_checkpoint(path, variant)
     owner = next((n for n, v in VARIANTS.items() if v.checkpoint == path.name), variant)
     if owner != variant:  # DC5 and non-DC5 have equal shapes: only the name tells them apart
         raise WrongVariantError(
@@ -144,6 +195,20 @@ def load_checkpoint(path: str | os.PathLike[str], variant: str) -> dict[str, Ten
     if path.parent == hub_checkpoint_dir():  # what we (or torch hub) downloaded, as released
         verify_hash(path)
     return check_state_dict(read_checkpoint(path), variant, source=str(path))
+
+
+def _load_hf_checkpoint(path: Path, variant: str) -> dict[str, Tensor]:
+    hf = open_checkpoint(path)
+    if hf.variant != variant:
+        raise WrongVariantError(
+            f"{hf.folder} is a Hugging Face checkpoint of {hf.variant} ({_label(hf.variant)}"
+            f"{', DC5' if get_variant(hf.variant).dilation else ''}, says its config.json), "
+            f"not of {variant}. Choose {hf.variant}, or use a checkpoint of {variant}."
+        )
+    is_safetensors = hf.weights.suffix == ".safetensors"
+    raw = read_safetensors(hf.weights) if is_safetensors else read_checkpoint(hf.weights)
+    state = to_detr_state_dict(raw, timm_backbone=hf.timm_backbone)
+    return check_state_dict(state, variant, source=str(hf.weights))
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -228,10 +293,14 @@ def check_state_dict(
         )
     if not {"class_embed.weight", "query_embed.weight"} & actual.keys():
         examples = ", ".join(list(actual)[:3])
+        hf = any(k.startswith(_HF_PREFIXES) for k in actual)  # transformers' names, no config
         raise NotADetrCheckpointError(
             f"{source} is not a DETR checkpoint: it holds {len(actual)} tensors such as "
             f"{examples}; {variant} needs keys such as transformer.encoder.layers.0.self_attn."
             "in_proj_weight and class_embed.weight."
+            + (" Its names are Hugging Face transformers' ones: save it as pytorch_model.bin in "
+               "a folder with the config.json of its repository, and load that folder."
+               if hf else "")
         )
     raise WrongVariantError(_mismatch_message(source, variant, actual))
 

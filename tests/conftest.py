@@ -47,12 +47,15 @@ def one_torch_thread():
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path) -> Path:
-    """No $DETR_VIZ_WEIGHTS, a private hub cache, and any network access fails the test.
+    """No $DETR_VIZ_WEIGHTS, private torch hub and Hugging Face hub caches (so a real cache
+    on the machine is never found), and any network access fails the test.
 
-    Returns the private hub cache's checkpoint folder (not created).
+    Returns the private torch hub cache's checkpoint folder (not created); the Hugging Face
+    hub cache is ``tmp_path / "hf-hub"`` (not created).
     """
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
 
     def no_network(*args, **kwargs):
         raise AssertionError("tests must not touch the network")

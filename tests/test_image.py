@@ -282,6 +282,22 @@ def test_16_bit_modes_are_divided_by_257(image):
     assert pixels(load_image(image))[0, :, 0].tolist() == EIGHT
 
 
+@pytest.mark.parametrize("source", ["PNG", "I"])
+def test_16_bit_grey_transparent_value_becomes_white(source):
+    # tRNS names one exact 16-bit sample (1000, dark grey); its neighbour 1001 rounds to the
+    # same 8-bit value (4) but is opaque, so the mask must come from the 16-bit samples
+    grey = np.array([[1000, 1001, 65535, 1000, 0]], np.uint16)
+    if source == "PNG":
+        data = encode(Image.fromarray(grey), "PNG", transparency=1000)
+        assert Image.open(io.BytesIO(data)).mode.startswith("I")
+        image = load_image(data)
+    else:
+        wide = Image.fromarray(grey.astype(np.int32))
+        wide.info["transparency"] = 1000
+        image = load_image(wide)
+    assert pixels(image)[0, :, 0].tolist() == [255, 4, 255, 255, 0]
+
+
 def test_mode_i_holding_8_bit_values_is_kept_as_is():
     image = Image.fromarray(np.array([[0, 7, 200, 255]], np.int32))
     assert image.mode == "I"

@@ -21,6 +21,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from detr_viz import download
 from detr_viz.download import WEIGHTS_ENV, download_checkpoint, hash_prefix
 from detr_viz.errors import (
     CorruptCheckpointError,
@@ -34,7 +35,9 @@ from detr_viz.model import CHECKPOINT_URL, VARIANTS
 from detr_viz.weights import (
     check_state_dict,
     checkpoint_candidates,
+    checkpoint_provenance,
     find_checkpoint,
+    is_official_release,
     load_model,
     read_checkpoint,
 )
@@ -183,8 +186,40 @@ def test_loads_from_hub_cache(hub, r50_file, r50_state, official_r50):
 
 def test_nothing_found_with_downloads_off_says_where_it_looked(hub):
     name = VARIANTS[R50].checkpoint
-    with raises(WeightsUnavailableError, hub / name, WEIGHTS_ENV):
+    with raises(WeightsUnavailableError, hub / name, WEIGHTS_ENV, "facebook/detr-resnet-50"):
         load_model(R50, download=False)
+
+
+@pytest.fixture
+def hashes(monkeypatch) -> list[Path]:
+    """The files SHA-256-hashed from now on (every path file_sha256 reads)."""
+    calls, real = [], download.file_sha256
+    monkeypatch.setattr(download, "file_sha256", lambda path: calls.append(path) or real(path))
+    return calls
+
+
+def test_hub_file_is_hashed_once_for_loading_and_the_release_check(
+    hub, r50_file, official_r50, hashes
+):
+    path = place(r50_file, hub, official_r50)
+    load_model(R50, download=False)  # checks the hash prefix of files in the hub cache
+    assert is_official_release(path, R50) and checkpoint_provenance(path, R50) == "official"
+    assert hashes == [path]
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    path.unlink()  # another file under the same name and size: hashed anew, and not the release
+    path.write_bytes(b"\0" * size)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert not is_official_release(path, R50)
+    assert hashes == [path, path]
+
+
+def test_downloaded_file_is_not_hashed_again(hub, r50_bytes, official_r50, hashes):
+    def opener(url):
+        return FakeResponse(r50_bytes, step=1 << 20)
+
+    load_model(R50, download=functools.partial(download_checkpoint, opener=opener))
+    assert is_official_release(hub / official_r50, R50)
+    assert hashes == []  # the digest computed while streaming serves both checks
 
 
 # Download
