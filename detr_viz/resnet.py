@@ -66,7 +66,8 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def _conv_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor, fold: bool) -> Tensor:
-    """``norm(conv(x))``; folded: one convolution, weights scaled and shifted per channel."""
+    """``norm(conv(x))``; folded: one convolution, its weights scaled per output channel and
+    the norm's shift as its bias."""
     if not fold:
         return norm(conv(x))
     scale, shift = norm.scale_and_shift()  # (C_out,) each
