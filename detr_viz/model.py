@@ -16,13 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_viz.attention import MultiheadAttention, observed
 from detr_viz.errors import ArgumentError
+from detr_viz.resnet import ResNet
 
 
 @dataclass(frozen=True)
@@ -101,21 +99,13 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, dilation: bool):
         super().__init__()
-        resnet = getattr(torchvision.models, name)(
-            weights=None,
-            replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d,
-        )
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
+        self.body = ResNet(name, dilation)  # torchvision's module names: body.layer4, ...
         self.num_channels = 2048
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
-        xs = self.body(tensor_list.tensors)
-        out = {}
-        for name, x in xs.items():
-            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:])
-            out[name] = NestedTensor(x, mask.to(torch.bool)[0])
-        return out
+        x = self.body(tensor_list.tensors)
+        mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:])
+        return {"0": NestedTensor(x, mask.to(torch.bool)[0])}
 
 
 class PositionEmbeddingSine(nn.Module):

@@ -1,0 +1,159 @@
+"""Our ResNet body against torchvision's (the official DETR's backbone), and a light start-up."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import detr_viz
+from detr_viz.errors import ArgumentError
+from detr_viz.model import build_model
+from detr_viz.resnet import ResNet
+from detr_viz.testing import recipe_input, recipe_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [("resnet50", False), ("resnet50", True), ("resnet101", False)]
+
+
+def torchvision_body(name: str, dilation: bool) -> torch.nn.Module:
+    """What the official DETR's ``Backbone`` builds: the oracle."""
+    resnet = getattr(torchvision.models, name)(
+        weights=None,
+        replace_stride_with_dilation=[False, False, dilation],
+        norm_layer=FrozenBatchNorm2d,
+    )
+    return IntermediateLayerGetter(resnet, return_layers={"layer4": "0"}).eval()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["R50", "R50-DC5", "R101"])
+def pair(request):
+    """(ours, torchvision's) with the same recipe weights, float32."""
+    oracle = torchvision_body(*request.param)
+    oracle.load_state_dict(recipe_state_dict(oracle))
+    ours = ResNet(*request.param).eval()
+    ours.load_state_dict(oracle.state_dict(), strict=True)
+    return ours, oracle
+
+
+@pytest.fixture(scope="module")
+def pair64(pair):
+    return tuple(copy.deepcopy(m).double() for m in pair)
+
+
+def test_state_dict_keys_shapes_and_order_equal_torchvision(pair):
+    ours, oracle = pair
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+        (k, v.shape) for k, v in oracle.state_dict().items()
+    ]
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "modules"])
+@pytest.mark.parametrize("hw", [(64, 96), (65, 97)])  # odd sizes: padding and ceil strides
+def test_features_equal_torchvision_in_float64(pair64, hw, fold, one_torch_thread):
+    ours, oracle = pair64
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(hw[0]), dtype=torch.float64)
+    with torch.inference_mode():
+        got, want = ours.fold_norms(fold)(x), oracle(x)["0"]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # measured: 2e-15 relative
+
+
+def test_unfolded_float32_is_torchvision_bit_for_bit(pair, one_torch_thread):
+    # Same modules, kernels and order of operations: equal, not just close (measured); a
+    # tolerance would only hide a reordered computation.
+    ours, oracle = pair
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(ours.fold_norms(False)(x), oracle(x)["0"])
+
+
+def test_folded_float32_is_as_close_to_float64_as_torchvision(pair, pair64, one_torch_thread):
+    """Folding reorders float32 rounding; it must not add to it. Compared on the same CPU,
+    so the bound is a ratio: mean |float32 - float64| folded / unfolded was 0.98-1.02 (R50,
+    DC5, R101); channels_last convolutions (brgemm kernels) were 1.9x, and fail this."""
+    ours, _ = pair
+    ours64, _ = pair64
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = ours64.fold_norms(False)(x.double())
+        folded = ours.fold_norms(True)(x).double()
+        modules = ours.fold_norms(False)(x).double()
+    assert (folded - ref).abs().mean() <= 1.25 * (modules - ref).abs().mean()
+
+
+def test_hooks_on_backbone_and_stages_see_the_same_features_folded_or_not(one_torch_thread):
+    model = build_model("detr_resnet50")
+    model.load_state_dict(recipe_state_dict(model))
+    model.double()
+    body = model.backbone[-2].body
+    seen = {}
+    hooks = [
+        model.backbone[-2].register_forward_hook(
+            lambda m, i, o: seen.setdefault("backbone", []).append(o["0"].tensors)
+        ),
+        body.layer4.register_forward_hook(lambda m, i, o: seen.setdefault("layer4", []).append(o)),
+        body.layer2[0].register_forward_hook(
+            lambda m, i, o: seen.setdefault("block", []).append(o)
+        ),
+    ]
+    x = recipe_input(64, 96).double()
+    with torch.inference_mode():
+        for fold in (True, False):
+            body.fold_norms(fold)
+            model(x)
+    for hook in hooks:
+        hook.remove()
+    body.fold_norms(True)
+    for name, (folded, modules) in seen.items():
+        torch.testing.assert_close(folded, modules, rtol=1e-12, atol=1e-12, msg=name)
+    assert torch.equal(seen["backbone"][0], seen["layer4"][0])
+
+
+def test_dc5_dilates_like_torchvision():
+    ours, oracle = ResNet("resnet50", dilation=True), torchvision_body("resnet50", True)
+    convs = [(n, m) for n, m in ours.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    theirs = dict(oracle.named_modules())
+    assert len(convs) == 53
+    for name, conv in convs:
+        ref = theirs[name]
+        assert (conv.stride, conv.padding, conv.dilation) == (ref.stride, ref.padding, ref.dilation)
+
+
+def test_frozen_batch_norm_drops_num_batches_tracked():
+    ours = ResNet("resnet50")
+    state = ours.state_dict()
+    state["layer1.0.bn1.num_batches_tracked"] = torch.tensor(3)
+    ours.load_state_dict(state, strict=True)
+    assert not any(k.endswith("num_batches_tracked") for k in ours.state_dict())
+
+
+def test_unknown_resnet_is_a_clear_error():
+    with pytest.raises(ArgumentError, match="resnet101"):
+        ResNet("resnet152")
+
+
+def test_importing_the_library_imports_neither_torchvision_nor_dynamo():
+    """Importing every module of detr_viz (what the app imports, and more) stays light: no
+    torchvision (its ``torchvision.ops`` imports ``torch._dynamo``, about 0.9 s), no dynamo."""
+    modules = ["detr_viz"] + [f"detr_viz.{m.name}" for m in pkgutil.iter_modules(detr_viz.__path__)]
+    assert {"detr_viz.analysis", "detr_viz.resnet", "detr_viz.model"} <= set(modules)
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "    if m.split('.')[0] == 'torchvision' or m.startswith('torch._dynamo'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == []
