@@ -126,3 +126,7 @@ class RunsShell:
 
     def __reduce__(self):
         return (os.system, (f"echo pwned > {self.marker}",))
+
+
+# The page's fixtures (AppTest with planted stand-in weights), for every test file that drives it.
+from apptest import app, forwards, oracle, weights_dir  # noqa: E402, F401, I001

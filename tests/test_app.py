@@ -6,128 +6,43 @@ served through $DETR_VIZ_WEIGHTS, so that a photo gets a spread of scores.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import functools
 import hashlib
 import io
-import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import streamlit as st
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from detr_viz import analyze, load_model, weights
+from detr_viz import weights
 from detr_viz.display import display_to_original
-from detr_viz.model import DETR, VARIANTS
-from detr_viz.testing import write_weights_folder
+from detr_viz.model import VARIANTS
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
-SAMPLE = Path(__file__).resolve().parents[1] / "detr_viz" / "assets" / "coffee.jpg"
-R50, DC5 = "detr_resnet50", "detr_resnet50_dc5"
-
-
-@pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("weights")
-    write_weights_folder(str(folder), (R50, DC5))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def oracle(weights_dir):
-    """The library's own analysis of a photo with the same weights (cached per variant)."""
-    models: dict[str, DETR] = {}
-
-    @functools.cache
-    def run(photo: bytes, variant: str = R50):
-        if variant not in models:
-            models[variant] = load_model(variant, weights_dir / _name(variant), download=False)
-        return analyze(models[variant], photo)
-
-    return run
-
-
-def _name(variant: str) -> str:
-    return VARIANTS[variant].checkpoint
-
-
-@pytest.fixture
-def forwards(monkeypatch) -> list[int]:
-    """Counts model runs: every DETR.forward call appends to the list."""
-    calls: list[int] = []
-    original = DETR.forward
-
-    def counted(self, samples):
-        calls.append(1)
-        return original(self, samples)
-
-    monkeypatch.setattr(DETR, "forward", counted)
-    return calls
-
-
-@pytest.fixture
-def app(monkeypatch, weights_dir, tmp_path) -> AppTest:
-    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(weights_dir))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    st.cache_resource.clear()
-    at = AppTest.from_file(APP, default_timeout=180)
-    yield at
-    st.cache_resource.clear()
-
-
-def charts(at: AppTest) -> dict[str, dict]:
-    """The page's Plotly figures by element key."""
-    keys = ("detections", "decoder-grid", "encoder-map", "encoder-panels")
-    out = {}
-    for element in at.get("plotly_chart"):
-        key = next((k for k in keys if k in element.proto.id), element.proto.id)
-        out[key] = json.loads(element.proto.spec)
-    return out
-
-
-def array(value) -> np.ndarray:
-    """A figure's array field, plain JSON list or plotly's typed-array encoding."""
-    if isinstance(value, dict) and "bdata" in value:
-        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
-        return flat.reshape([int(n) for n in value.get("shape", str(flat.size)).split(",")])
-    return np.asarray(value)
-
-
-def query_titles(figure: dict) -> list[str]:
-    return [a["text"] for a in figure["layout"].get("annotations", [])
-            if a.get("text", "").startswith("query ")]
-
-
-def sidebar_count(at: AppTest) -> int:
-    text = next(c.value for c in at.sidebar.caption if "queries above" in c.value)
-    return int(text.split("**")[1])
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, at.exception
-    assert not at.error, [e.value for e in at.error]
-
-
-def photo_bytes(size=(640, 480), fmt="PNG", seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(base).resize(size, Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
+from apptest import (
+    APP,
+    MAIN_CHARTS,
+    R50,
+    SAMPLE,
+    STRIDE,
+    _name,
+    array,
+    assert_clean,
+    charts,
+    click,
+    photo_bytes,
+    query_titles,
+    sidebar_count,
+)
 
 
 def test_sample_renders_everything_the_library_computes(app, oracle):
     app.run()
     assert_clean(app)
     figures = charts(app)
-    assert set(figures) == {"detections", "decoder-grid", "encoder-map", "encoder-panels"}
+    assert set(figures) == MAIN_CHARTS
     expected = oracle(SAMPLE.read_bytes()).detections(0.9)
     assert sidebar_count(app) == len(expected) >= 1
     shown = [int(t.split(":")[0].removeprefix("query ")) for t in query_titles(
@@ -181,22 +96,16 @@ def test_no_detections_is_a_readable_note(app):
 
 def test_dc5_switch_halves_the_cells(app, forwards):
     app.run()
-    app.sidebar.radio[1].set_value("DC5 (stride 16)").run()
+    app.sidebar.radio(key=STRIDE).set_value("DC5 (stride 16)").run()
     assert_clean(app)
     assert any("feature grid 50x75 (stride 16)" in c.value for c in app.caption)
     encoder_map = charts(app)["encoder-map"]
     z = array(encoder_map["data"][0]["z"])
     assert z.shape == (50, 75)
     assert len(forwards) == 2
-    app.sidebar.radio[1].set_value("standard (stride 32)").run()
+    app.sidebar.radio(key=STRIDE).set_value("standard (stride 32)").run()
     assert array(charts(app)["encoder-map"]["data"][0]["z"]).shape == (25, 38)
     assert len(forwards) == 2  # both analyses are cached
-
-
-def click(app: AppTest, x: int, y: int, width: int, height: int, t: int) -> None:
-    key = app.get("component_instance")[0].key
-    app.session_state[key] = {"x": x, "y": y, "width": width, "height": height, "unix_time": t}
-    app.run()
 
 
 def test_click_updates_encoder_map_and_marked_cell(app, oracle, forwards):
@@ -219,7 +128,7 @@ def test_click_updates_encoder_map_and_marked_cell(app, oracle, forwards):
     assert len([a for a in panels["layout"]["annotations"]
                 if a["text"].startswith("point (")]) == 4  # seeded point + 3 clicks
     assert len(forwards) == before + 1
-    app.button[0].click().run()  # clear points
+    app.button(key="clear-points").click().run()
     assert_clean(app)
     assert any("No points chosen" in a["text"]
                for a in charts(app)["encoder-panels"]["layout"]["annotations"])
@@ -230,8 +139,7 @@ def test_click_updates_encoder_map_and_marked_cell(app, oracle, forwards):
 def test_upload_of_a_generated_photo(app, oracle, name, fmt):
     data = photo_bytes(fmt=fmt)
     app.run()
-    app.radio[0].set_value("Upload a photo").run()
-    app.file_uploader[0].upload(name, data, f"image/{fmt.lower()}").run()
+    app.file_uploader(key="upload").upload(name, data, f"image/{fmt.lower()}").run()
     assert_clean(app)
     assert any(c.value.startswith(f"{name}: 640x480 px -> model input 1066x800")
                for c in app.caption)
@@ -240,8 +148,8 @@ def test_upload_of_a_generated_photo(app, oracle, name, fmt):
 
 def test_bad_upload_shows_error_and_page_keeps_working(app):
     app.run()
-    app.radio[0].set_value("Upload a photo").run()
-    app.file_uploader[0].upload("holiday.jpg", b"this is not a photo", "image/jpeg").run()
+    app.file_uploader(key="upload").upload("holiday.jpg", b"this is not a photo",
+                                           "image/jpeg").run()
     assert not app.exception
     assert app.error and "not" in app.error[0].value.lower()
     assert "Traceback" not in app.error[0].value
@@ -317,8 +225,9 @@ def test_first_run_downloads_with_progress(monkeypatch, weights_dir, tmp_path):
 def test_camera_photo(app, oracle):
     data = photo_bytes(size=(640, 480), fmt="JPEG", seed=5)
     app.run()
-    app.radio[0].set_value("Take a photo").run()
-    app.camera_input[0].upload("camera.jpg", data).run()
+    assert not app.camera_input  # one click away, not open
+    app.toggle(key="use-camera").set_value(True).run()
+    app.camera_input(key="camera").upload("camera.jpg", data).run()
     assert_clean(app)
     assert any(c.value.startswith("camera.jpg: 640x480 px") for c in app.caption)
     assert sidebar_count(app) == len(oracle(data).detections(0.9))

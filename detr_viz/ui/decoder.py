@@ -54,7 +54,8 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
 
 
 def _overview(run: Run, photo: Photo, shown: list[Detection], current, style) -> None:
-    with st.expander("Every layer and head, for one detection"):
+    # a toggle, not an expander: a collapsed expander's content is still computed every run
+    if st.toggle("Every layer and head, for one detection", key="dec-overview-on"):
         names = {f"query {d.query}: {d.name} {d.score:.2f}": d for d in shown}
         det = names[st.selectbox("Detection", list(names), key="dec-overview-query")]
         maps = overview.decoder_overview(run.analysis, det.query)

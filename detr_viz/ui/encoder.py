@@ -80,7 +80,7 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         streamlit_image_coordinates(
             marked(photo, analysis, points[-1] if points else None), key=f"click-{photo.digest}",
             use_column_width="always", image_format="JPEG", jpeg_quality=85, cursor="crosshair")
-        st.button("Clear points", disabled=not points, on_click=points.clear)
+        st.button("Clear points", disabled=not points, on_click=points.clear, key="clear-points")
     maps = encoder_maps(photo, run, method, points, layer, head, direction, target)
     with right:
         if points:
@@ -93,8 +93,7 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             st.info("No reference point: click the photo.")
     st.plotly_chart(figures.encoder_panels(photo.panel, analysis.grid, points, maps, **style),
                     key="encoder-panels")
-    if points:
-        with st.expander("Every layer and head, at the last point"):
-            grid = overview.encoder_overview(analysis, points[-1], direction)
-            layers.overview("enc", grid, (layer, head), photo.display, analysis.grid,
-                            style["colorscale"], point=points[-1])
+    if points and st.toggle("Every layer and head, at the last point", key="enc-overview-on"):
+        grid = overview.encoder_overview(analysis, points[-1], direction)
+        layers.overview("enc", grid, (layer, head), photo.display, analysis.grid,
+                        style["colorscale"], point=points[-1])

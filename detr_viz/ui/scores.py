@@ -17,24 +17,24 @@ from detr_viz.ui.resources import Photo, Run
 
 def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np.ndarray],
               method_tag: str) -> None:
-    """A caption per shown map with its score once computed, and the buttons that compute."""
-    cols = st.columns(len(shown))
-    base = resources.get_store(photo.digest, *run.key, "baseline").items.get("random")
-    for col, det in zip(cols, shown, strict=True):
-        found = resources.known_scores(photo, run, det.query, method_tag, "map")
-        if found is not None and base is not None:
-            col.caption(f"query {det.query}: " + found.summary(base.curves(det.query,
-                                                                           found.label)))
+    """The buttons that compute, then a caption per shown map with its score once computed."""
     left, right = st.columns([1, 2])
-    if left.button("Score these maps", key="score-page",
-                   help="Deletion and insertion of encoder tokens in the map's order, against "
-                        "a random order, and the share of the map inside the box. Runs the "
-                        "transformer again (not the backbone): seconds per map."):
-        for det in shown:
-            resources.scores(photo, run, det.query, {"map": maps[det.query]}, method_tag)
-        st.rerun(scope="fragment")
+    clicked = left.button(
+        "Score these maps", key="score-page",
+        help="Deletion and insertion of encoder tokens in the map's order, against a random "
+             "order, and the share of the map inside the box. Runs the transformer again (not "
+             "the backbone): seconds per map.")
     with right.popover("Rank the three methods for one detection"):
         _ranking(run, photo, shown)
+    if clicked:
+        for det in shown:
+            resources.scores(photo, run, det.query, {"map": maps[det.query]}, method_tag)
+    base = resources.get_store(photo.digest, *run.key, "baseline").items.get("random")
+    for col, det in zip(st.columns(len(shown)), shown, strict=True):
+        found = resources.known_scores(photo, run, det.query, method_tag, "map")
+        if found is not None and base is not None:
+            col.caption(f"query {det.query}: "
+                        + found.summary(base.curves(det.query, found.label)))
 
 
 def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:

@@ -39,8 +39,10 @@ def sidebar():
     """The controls and a slot for the count of kept queries."""
     with st.sidebar:
         st.header("Model")
-        backbone = st.radio("Backbone", ["ResNet-50", "ResNet-101"], horizontal=True)
+        backbone = st.radio("Backbone", ["ResNet-50", "ResNet-101"], horizontal=True,
+                            key="backbone")
         stride = st.radio("Feature stride", ["standard (stride 32)", "DC5 (stride 16)"],
+                          key="stride",
                           help="DC5 dilates the last ResNet stage: a 4x finer feature grid.")
         variant = variant_of(backbone, stride)
         others = [NO_COMPARISON] + [LABELS[v] for v in VARIANTS if v != variant]
