@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from detr_viz import figures
 from detr_viz.compare import Match
@@ -42,17 +41,16 @@ def comparison_figure(
         return figures.blank_figure(NO_MATCHES, height_per_row)
     titles = [f"{label} · query {d.query}: {d.name} {d.score:.2f} · IoU {pair.iou:.2f}"
               for pair in pairs for label, d in zip(labels, (pair.a, pair.b), strict=True)]
-    fig = make_subplots(rows=len(pairs), cols=2, subplot_titles=titles,
-                        horizontal_spacing=0.02, vertical_spacing=min(0.06, 0.3 / len(pairs)))
+    spec = figures.panels(len(pairs), 2, titles, 0.02, min(0.06, 0.3 / len(pairs)))
     for i, pair in enumerate(pairs):
         colour = figures.PALETTE[i % len(figures.PALETTE)]
         for col, (grid, attention, det) in enumerate(
-            [(grid_a, maps_a[i], pair.a), (grid_b, maps_b[i], pair.b)], start=1
+            [(grid_a, maps_a[i], pair.a), (grid_b, maps_b[i], pair.b)]
         ):
-            _add_panel(fig, display, grid, attention, i + 1, col, opacity, colorscale, smooth)
-            fig.add_trace(figures.box_trace(det.box, colour, _describe(det, pair.iou)),
-                          row=i + 1, col=col)
-    return figures.style_figure(fig, height_per_row * len(pairs), None)
+            k = 2 * i + col + 1
+            _add_panel(spec, display, grid, attention, k, opacity, colorscale, smooth)
+            spec["data"].append(figures.box_trace(det.box, colour, _describe(det, pair.iou), k))
+    return figures.style_figure(spec, height_per_row * len(pairs), None)
 
 
 def encoder_comparison_figure(
@@ -72,35 +70,36 @@ def encoder_comparison_figure(
     cells = [grid.cell_at(*point) for grid in grids]
     titles = [f"{label}: cell {cell} of {g.shape[0]}x{g.shape[1]} (stride {g.stride})"
               for label, cell, g in zip(labels, cells, grids, strict=True)]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.02)
-    for col, (grid, attention) in enumerate(zip(grids, (map_a, map_b), strict=True), start=1):
-        _add_panel(fig, display, grid, attention, 1, col, opacity, colorscale, smooth)
+    spec = figures.panels(1, 2, titles, 0.02, 0.0)
+    for k, (grid, attention) in enumerate(zip(grids, (map_a, map_b), strict=True), start=1):
+        _add_panel(spec, display, grid, attention, k, opacity, colorscale, smooth)
         for label, cell, g, colour in zip(labels, cells, grids, CELL_COLORS, strict=True):
-            outline = figures.box_trace(g.cell_bounds(*cell), colour, f"{label}: cell {cell}")
+            outline = figures.box_trace(g.cell_bounds(*cell), colour, f"{label}: cell {cell}", k)
             outline.update(name=f"{label} cell {cell}, {g.stride} px", legendgroup=label,
-                           showlegend=col == 1, line_width=2)
-            fig.add_trace(outline, row=1, col=col)
-        fig.add_trace(_point(point), row=1, col=col)
-    figures.style_figure(fig, height, None)
+                           showlegend=k == 1, line={"color": colour, "width": 2})
+            spec["data"].append(outline)
+        spec["data"].append(_point(point, k))
+    fig = figures.style_figure(spec, height, None)
     fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.02, "yanchor": "top"})
     return fig
 
 
-def _add_panel(fig: go.Figure, display: DisplayImage, grid: FeatureGrid, attention: np.ndarray,
-               row: int, col: int, opacity: float, colorscale: str, smooth: bool) -> None:
-    """The photo and ``attention`` (h, w) on ``grid`` in subplot (row, col), photo axes."""
-    fig.add_trace(figures.photo_trace(display), row=row, col=col)
-    fig.add_trace(figures.overlay_trace(attention, grid, opacity, colorscale, smooth),
-                  row=row, col=col)
-    figures.photo_axes(fig, display.original_size, row=row, col=col)
+def _add_panel(spec: dict, display: DisplayImage, grid: FeatureGrid, attention: np.ndarray,
+               k: int, opacity: float, colorscale: str, smooth: bool) -> None:
+    """The photo and ``attention`` (h, w) on ``grid`` in panel k, photo axes."""
+    spec["data"] += [figures.photo_trace(display, k),
+                     figures.overlay_trace(attention, grid, opacity, colorscale, smooth, k)]
+    figures.photo_axes(spec, display.original_size, k)
 
 
-def _point(point: tuple[float, float]) -> go.Scatter:
+def _point(point: tuple[float, float], k: int) -> dict:
     x, y = point
-    return go.Scatter(x=[x], y=[y], mode="markers", showlegend=False, name="point",
-                      marker={"symbol": "x", "size": 6, "color": "white",
-                              "line": {"color": "black", "width": 1}},
-                      hovertemplate=f"point ({x:.0f}, {y:.0f})<extra></extra>")
+    trace = {"type": "scatter", "x": [x], "y": [y], "mode": "markers", "showlegend": False,
+             "name": "point", "marker": {"symbol": "x", "size": 6, "color": "white",
+                                         "line": {"color": "black", "width": 1}},
+             "hovertemplate": f"point ({x:.0f}, {y:.0f})<extra></extra>"}
+    trace["xaxis"], trace["yaxis"] = ("x", "y") if k == 1 else (f"x{k}", f"y{k}")
+    return trace
 
 
 def _describe(det, iou: float) -> str:

@@ -250,3 +250,58 @@ def test_jpeg_bytes_converts_and_validates():
         jpeg_bytes(photo(), max_side=0)
     with pytest.raises(ArgumentError):
         jpeg_bytes(photo(), quality=101)
+
+
+def every_figure(display):
+    """One figure of each builder (of every figure module), on the 32 and 16 px grids."""
+    from detr_viz import compare_figures, overview_figures
+    from detr_viz.compare import Match
+    from detr_viz.figures import attention_overlay
+
+    dets = [Detection(i, 1, "person", 0.9, (10.0 * i, 20.0, 300.0, 400.0)) for i in range(3)]
+    m32, m16 = one_hot(GRID32, 3, 4), one_hot(GRID16, 7, 9)
+    pairs = [Match(dets[0], dets[1], 0.8)]
+    maps = np.random.default_rng(0).random((6, 9, *GRID32.shape))
+    yield detections_figure(display, dets)
+    yield attention_heatmap(m32, "t", marker_cell=(3, 4))
+    yield attention_overlay(display, m16, GRID16, box=(1, 2, 3, 4), marker=(5, 6, 7, 8))
+    yield decoder_grid(display, GRID32, dets, np.stack([m32] * 3))
+    yield decoder_grid(display, GRID32, [], np.zeros((0, *GRID32.shape)))
+    yield encoder_panels(display, GRID16, [(10, 10), (900, 700)], [m16, m16])
+    yield overview_figures.overview_figure(maps, shown=(2, None))
+    yield overview_figures.head_overlay_figure(display, GRID32, maps[0, :8], point=(50, 60),
+                                               box=(1, 2, 300, 400))
+    yield compare_figures.comparison_figure(display, GRID32, GRID16, pairs, m32[None], m16[None])
+    yield compare_figures.encoder_comparison_figure(display, GRID32, GRID16, (100, 120), m32,
+                                                    m16)
+
+
+def test_every_builder_passes_plotly_validation(display):
+    """The builders skip Plotly's validation for speed; here every property is validated."""
+    import plotly.graph_objects as go
+
+    for fig in every_figure(display):
+        spec = fig.to_dict()
+        validated = go.Figure(spec)  # raises ValueError on any unknown or invalid property
+        assert len(validated.data) == len(spec["data"])
+
+
+@pytest.mark.parametrize("rows,cols,hs,vs", [(2, 1, 0.02, 0.06), (2, 4, 0.02, 0.06),
+                                             (1, 3, 0.02, 0.0), (3, 2, 0.02, 0.06)])
+def test_panel_domains_equal_make_subplots(rows, cols, hs, vs):
+    from plotly.subplots import make_subplots
+
+    from detr_viz.figures import panels
+
+    titles = [f"t{i}" for i in range(rows * cols)]
+    ours = panels(rows, cols, titles, hs, vs)["layout"]
+    theirs = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=hs,
+                           vertical_spacing=vs).layout
+    for k in range(1, rows * cols + 1):
+        suffix = "" if k == 1 else str(k)
+        for axis in ("x", "y"):
+            np.testing.assert_allclose(ours[f"{axis}axis{suffix}"]["domain"],
+                                       theirs[f"{axis}axis{suffix}"].domain, atol=1e-12)
+    for mine, plotly_title in zip(ours["annotations"], theirs.annotations, strict=True):
+        assert (mine["text"], mine["x"], mine["y"]) == pytest.approx(
+            (plotly_title.text, plotly_title.x, plotly_title.y))
