@@ -1,7 +1,9 @@
 """The real thing: `streamlit run app.py` on loopback, driven in Debian's chromium by Playwright.
 
-Uploads a photo, waits for the heatmaps, clicks inside the image component and checks that the
-encoder map of the clicked cell appears. Screenshots land in $DETR_VIZ_SCREENSHOTS (default:
+Drops a photo into the drop zone, waits for the heatmaps, clicks inside the image component and
+checks that the encoder map of the clicked cell appears; switches the method to relevance and
+reads the maps plotly drew back from the page (the library's maps); clicks a thumbnail of the
+every-layer-and-head grid and sees that layer and head shown; compares with DC5 once. Screenshots land in $DETR_VIZ_SCREENSHOTS (default:
 artifacts/ in the repository, which git ignores).
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_viz import analyze, load_model
+from detr_viz import analyze, explain, load_model
 from detr_viz.display import display_to_original
 from detr_viz.model import VARIANTS
 from detr_viz.testing import write_weights_folder
@@ -29,7 +31,7 @@ from detr_viz.testing import write_weights_folder
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(os.environ.get("DETR_VIZ_SCREENSHOTS", ROOT / "artifacts"))
-R50 = "detr_resnet50"
+R50, DC5 = "detr_resnet50", "detr_resnet50_dc5"
 
 if CHROMIUM is None and os.environ.get("CI"):
     pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
@@ -49,7 +51,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("weights")
-    write_weights_folder(str(folder), (R50,))
+    write_weights_folder(str(folder), (R50, DC5))
     return folder
 
 
@@ -108,19 +110,34 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
-def test_upload_wait_for_heatmaps_click_and_see_the_encoder_map(page, tmp_path, weights_dir):
+@pytest.fixture(scope="module")
+def analysis(weights_dir, tmp_path_factory):
+    image = photo(tmp_path_factory.mktemp("photo"))
+    model = load_model(R50, weights_dir / VARIANTS[R50].checkpoint, download=False)
+    return image, model, analyze(model, io.BytesIO(image.read_bytes()))
+
+
+DECODER_MAPS = """() => {
+  const grid = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
+      (p.layout.annotations || []).some(a => (a.text || '').startsWith('query ')));
+  return grid.data.filter(t => t.type === 'heatmap' && t.dx === 1)
+      .map(t => Array.from(t.z, row => Array.from(row)));
+}"""
+
+
+def decoder_maps(page) -> list[np.ndarray]:
+    return [np.asarray(z, dtype=np.float64) for z in page.evaluate(DECODER_MAPS)]
+
+
+def test_upload_wait_for_heatmaps_click_and_see_the_encoder_map(page, analysis):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_selector(".js-plotly-plot", timeout=180_000)
-    page.get_by_text("Upload a photo").click()
-    image = photo(tmp_path)
+    page.get_by_text("Showing the sample photo").wait_for(timeout=60_000)  # drop zone ready
+    image, _, analysis = analysis
     page.locator("input[type=file]").set_input_files(str(image))
     page.get_by_text("PHONE_PHOTO.JPG: 800x600 px").wait_for(timeout=180_000)
     page.locator(".js-plotly-plot").nth(3).wait_for(timeout=60_000)  # all four figures drawn
 
-    analysis = analyze(
-        load_model(R50, weights_dir / VARIANTS[R50].checkpoint, download=False),
-        io.BytesIO(image.read_bytes()),
-    )
     kept = len(analysis.detections(0.9))
     titles = page.locator(".js-plotly-plot .gtitle, .js-plotly-plot .annotation-text")
     assert titles.filter(has_text="query ").count() == min(kept, 4)
@@ -138,4 +155,75 @@ def test_upload_wait_for_heatmaps_click_and_see_the_encoder_map(page, tmp_path, 
     page.get_by_text(f"-> cell ({row}, {col})").first.wait_for(timeout=60_000)
     time.sleep(1)  # let plotly finish drawing before the picture
     page.screenshot(path=str(SHOTS / "browser-after-click.png"), full_page=True)
+    assert not page.get_by_text("Traceback").count()
+
+
+def test_switching_method_changes_the_maps_to_the_librarys(page, analysis):
+    _, model, analysis = analysis
+    raw = decoder_maps(page)
+    queries = [d.query for d in analysis.detections(0.9)][:4]
+    np.testing.assert_allclose(raw, analysis.decoder_attentions(queries), rtol=1e-4, atol=1e-6)
+    page.get_by_text("relevance", exact=True).first.click()
+    page.get_by_text("(relevance for").first.wait_for(timeout=300_000)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(decoder_maps(page)) != len(queries):
+        time.sleep(0.5)
+    expected = explain.relevance(model, analysis, queries)
+    got = decoder_maps(page)
+    assert not np.allclose(got, raw)
+    for got_map, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(got_map, want, rtol=1e-3, atol=1e-5 * want.max())
+    time.sleep(1)
+    page.screenshot(path=str(SHOTS / "browser-relevance.png"), full_page=True)
+    page.get_by_text("raw attention", exact=True).first.click()
+    page.get_by_text("(relevance for").first.wait_for(state="detached", timeout=60_000)
+
+
+THUMBNAIL = """([layer, head]) => {
+  const plot = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
+      p.data.some(t => t.name === 'thumbnails'));
+  const trace = plot.data.find(t => t.name === 'thumbnails');
+  const i = trace.customdata.findIndex(c => c[0] === layer && c[1] === head);
+  const xa = plot._fullLayout.xaxis, ya = plot._fullLayout.yaxis;
+  const box = plot.querySelector('.nsewdrag').getBoundingClientRect();
+  return [box.left + xa.l2p(trace.x[i]) + 5, box.top + ya.l2p(trace.y[i]) + 5];
+}"""
+
+
+def test_a_click_on_the_overview_makes_that_layer_and_head_the_shown_one(page, analysis):
+    page.get_by_text("Every layer and head, for one detection").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
+                           "p => p.data.some(t => t.name === 'thumbnails'))", timeout=60_000)
+    time.sleep(1)
+    x, y = page.evaluate(THUMBNAIL, [2, 3])  # layer 3, head 4 (0-based in the figure)
+    page.mouse.click(x, y)
+    page.get_by_text("layer 3: the 5 strongest cells of each head").wait_for(timeout=60_000)
+    _, _, analysis = analysis
+    queries = [d.query for d in analysis.detections(0.9)][:4]
+    deadline = time.monotonic() + 30
+    want = analysis.decoder_attentions(queries, 2, 3)
+    while time.monotonic() < deadline:
+        got = decoder_maps(page)
+        if len(got) == len(want) and np.allclose(got, want, rtol=1e-4, atol=1e-6):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the decoder maps did not switch to layer 3, head 4")
+    page.screenshot(path=str(SHOTS / "browser-overview.png"), full_page=True)
+
+
+def test_side_by_side_with_dc5_once(page):
+    page.get_by_text("nothing (one model)").click()
+    page.get_by_role("option", name="R50-DC5").click()
+    page.get_by_text("objects found by both").wait_for(timeout=300_000)
+    page.get_by_text("feature grid 25x34 (stride 32)").wait_for(timeout=60_000)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not page.evaluate(
+            "() => [...document.querySelectorAll('.js-plotly-plot')].some(p => p.data.some("
+            "t => (t.name || '').endsWith(' 16 px')))"):
+        time.sleep(0.5)
+    time.sleep(1)
+    page.screenshot(path=str(SHOTS / "browser-compare.png"), full_page=True)
+    assert page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].some(p => "
+                         "p.data.some(t => (t.name || '').endsWith(' 16 px')))")
     assert not page.get_by_text("Traceback").count()
