@@ -120,9 +120,18 @@ def analysis(weights_dir, tmp_path_factory):
 DECODER_MAPS = """() => {
   const grid = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
       (p.layout.annotations || []).some(a => (a.text || '').startsWith('query ')));
+  // plotly keeps a typed array's decoded values in _inputArray, rows of Float32Arrays
   return grid.data.filter(t => t.type === 'heatmap' && t.dx === 1)
-      .map(t => Array.from(t.z, row => Array.from(row)));
+      .map(t => Array.from(t.z._inputArray || t.z, row => Array.from(row)));
 }"""
+
+
+def settled(page) -> None:
+    """Wait until Streamlit's rerun is over: no element of the previous run is left stale."""
+    time.sleep(0.5)
+    page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]') && "
+                           "!document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                           timeout=300_000)
 
 
 def decoder_maps(page) -> list[np.ndarray]:
@@ -137,7 +146,7 @@ def test_upload_wait_for_heatmaps_click_and_see_the_encoder_map(page, analysis):
     page.locator("input[type=file]").set_input_files(str(image))
     page.get_by_text("PHONE_PHOTO.JPG: 800x600 px").wait_for(timeout=180_000)
     page.locator(".js-plotly-plot").nth(3).wait_for(timeout=60_000)  # all four figures drawn
-
+    settled(page)
     kept = len(analysis.detections(0.9))
     titles = page.locator(".js-plotly-plot .gtitle, .js-plotly-plot .annotation-text")
     assert titles.filter(has_text="query ").count() == min(kept, 4)
@@ -213,7 +222,7 @@ def test_a_click_on_the_overview_makes_that_layer_and_head_the_shown_one(page, a
 
 
 def test_side_by_side_with_dc5_once(page):
-    page.get_by_text("nothing (one model)").click()
+    page.get_by_role("combobox", name="Compare side by side with").click()
     page.get_by_role("option", name="R50-DC5").click()
     page.get_by_text("objects found by both").wait_for(timeout=300_000)
     page.get_by_text("feature grid 25x34 (stride 32)").wait_for(timeout=60_000)
