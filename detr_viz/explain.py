@@ -103,8 +103,10 @@ def _chain_columns(layers: Sequence[Tensor], u: Tensor, residual: bool = True) -
 
 
 def _normalised(r: Tensor) -> Tensor:
-    """Chefer's eq. 8-9: ``(R - I)`` with rows scaled to sum 1 (zero rows stay 0), plus I."""
-    eye = torch.eye(r.shape[0], dtype=r.dtype)
+    """Chefer's eq. 8-9: ``(R - I)`` with rows scaled to sum 1 (zero rows stay 0), plus I.
+
+    ``r``: (..., Q, Q), a batch of square matrices."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype)
     hat = r - eye
     sums = hat.sum(-1, keepdim=True)
     return torch.where(sums > 0, hat / sums.where(sums > 0, 1.0), 0.0) + eye
@@ -215,22 +217,23 @@ def _classes(analysis: Analysis, queries: list[int], classes: Sequence[int] | No
     return [int(c) for c in classes]
 
 
-def _decoder_row(grads: dict, fused: dict, query: int, layers: int) -> Tensor:
-    """``w = R_qi[query]`` before the encoder: the decoder rules with ``norm(R_ii)`` factored out.
+def _decoder_rows(grads: list[dict], fused: dict, queries: list[int], layers: int) -> Tensor:
+    """``w = R_qi[query]`` before the encoder, for each target: (n, N).
 
-    ``R_qi = W norm(R_ii)`` with ``W <- (I + S_l) W + norm(R_qq)^T C_l``, since the encoder's
-    ``norm(R_ii)`` is the same in every layer's cross-attention update. Returns (N,).
+    The decoder rules with ``norm(R_ii)`` factored out: ``R_qi = W norm(R_ii)`` with
+    ``W <- (I + S_l) W + norm(R_qq)^T C_l``, since the encoder's ``norm(R_ii)`` is the same in
+    every layer's cross-attention update. All targets at once: (n, Q, Q) and (n, Q, N) batches.
     """
     r_qq, w = None, None
     for layer in range(layers):
         key_s, key_c = ("decoder_self", layer), ("decoder", layer)
-        s = mean_attention(fused[key_s], grads[key_s])[0]  # (Q, Q)
-        c = mean_attention(fused[key_c], grads[key_c])[0]  # (Q, N)
-        eye = torch.eye(s.shape[0], dtype=s.dtype)
+        s = mean_attention(fused[key_s], torch.cat([g[key_s] for g in grads]))  # (n, Q, Q)
+        c = mean_attention(fused[key_c], torch.cat([g[key_c] for g in grads]))  # (n, Q, N)
+        eye = torch.eye(s.shape[-1], dtype=s.dtype)
         r_qq = eye + s if r_qq is None else r_qq + s @ r_qq
         w = torch.zeros_like(c) if w is None else w + s @ w
-        w = w + _normalised(r_qq).T @ c
-    return w[query]
+        w = w + _normalised(r_qq).transpose(1, 2) @ c
+    return w[torch.arange(len(queries)), queries]
 
 
 def _encoder_layers(grads: list[dict], fused: dict, layers: int) -> list[Tensor]:
@@ -272,8 +275,7 @@ def relevance(model: DETR, analysis: Analysis, queries: Sequence[int],
     layers, step, maps = analysis.num_layers, _chunk(analysis), []
     for i in range(0, len(queries), step):
         part = grads[i:i + step]
-        rows = torch.stack([_decoder_row(g, fused, q, layers)
-                            for g, q in zip(part, queries[i:i + step], strict=True)])
+        rows = _decoder_rows(part, fused, queries[i:i + step], layers)
         maps.append(_relevance_map(_encoder_layers(part, fused, layers), rows))
     return torch.cat(maps).reshape(-1, h, w).numpy()
 

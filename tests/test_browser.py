@@ -3,7 +3,8 @@
 Drops a photo into the drop zone, waits for the heatmaps, clicks inside the image component and
 checks that the encoder map of the clicked cell appears; switches the method to relevance and
 reads the maps plotly drew back from the page (the library's maps); clicks a thumbnail of the
-every-layer-and-head grid and sees that layer and head shown; compares with DC5 once. Screenshots land in $DETR_VIZ_SCREENSHOTS (default:
+every-layer-and-head grid and sees that layer and head shown; compares with DC5 once.
+Screenshots land in $DETR_VIZ_SCREENSHOTS (default:
 artifacts/ in the repository, which git ignores).
 """
 
