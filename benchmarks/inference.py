@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     print("### Load and preprocess (photo -> model input)\n")
     print(load_preprocess_table(max(3, 2 * args.repeats)) + "\n")
 
-    main_rows, hf_rows, checks = [], [], []
+    main_rows, hf_rows, checks, goals = [], [], [], []
     for variant in args.variants:
         times, check = bench_variant(variant, args.repeats, with_hf)
         if check:
@@ -158,11 +158,18 @@ def main(argv: list[str] | None = None) -> None:
         ])
         if with_hf:
             hf_rows.append(hf_breakdown(name, times))
+        analyzed = paired_ratio(times["analyze(photo 1066x800)"], plain)
         overhead_rows = [["capture / plain", overhead.ratio()],
-                         ["analyze(photo) / plain",
-                          paired_ratio(times["analyze(photo 1066x800)"], plain).ratio()],
+                         ["analyze(photo) / plain", analyzed.ratio()],
                          ["analyze(12 MP path) / plain",
                           paired_ratio(times["analyze(12 MP JPEG path)"], plain).ratio()]]
+        goals.append([name, "analyze(photo) / plain forward", analyzed.ratio(), "<= 1.05",
+                      "yes" if analyzed.median <= 1.05 else "NO"])
+        if with_hf:
+            vs_hf = paired_ratio(times["analyze(photo 1066x800)"], times["HF eager + attn"])
+            overhead_rows.append(["analyze(photo) / HF eager + attn", vs_hf.ratio()])
+            goals.append([name, "analyze(photo) / HF with attentions", vs_hf.ratio(), "<= 0.7",
+                          "yes" if vs_hf.median <= 0.7 else "NO"])
         print(f"### {name}: per-round ratios (median, quartiles)\n")
         print(table(["ratio", name], overhead_rows) + "\n")
 
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
           "per round; both return every layer's attention for the same tensor.\n")
     print(table(["variant", "input", "plain forward", "capture (+x %)", "analyze", "HF (sdpa)",
                  "HF + attn (eager)", "ours/HF"], main_rows) + "\n")
+    print("### Goals (per-round ratios, median and quartiles)\n")
+    print(table(["variant", "ratio", "measured", "goal", "met?"], goals) + "\n")
     if with_hf:
         print("### Hugging Face: cost of returning attention\n")
         print(table(["variant", "HF sdpa", "HF eager", "HF eager + attn", "eager / sdpa",

@@ -250,7 +250,8 @@ def capture(
     ``transformer.encoder.layers[i].self_attn``, ``transformer.decoder.layers[i].multihead_attn``
     and ``.self_attn``). ``live=True`` (detr-viz's model only, for methods that differentiate
     through attention) also keeps each call's tensors as computed, graph included, in
-    ``Capture.live``; inside such a block other hooks on these modules see ``output[1] = None``.
+    ``Capture.live`` (their log-sum-exp outside the graph); inside such a block other hooks on
+    these modules see ``output[1] = None``.
     """
     owner = threading.get_ident()
     enc = model.transformer.encoder.layers
@@ -275,7 +276,8 @@ def capture(
                 getattr(result, part)[index] = _detached(fused)
                 if live:
                     result.live[(part, index)] = fused
-            return args, {**kwargs[0], "need_weights": False, "on_fused": keep}
+            return args, {**kwargs[0], "need_weights": False, "on_fused": keep,
+                          "lse_in_graph": not live}
         return args, {**kwargs[0], "need_weights": True, "average_attn_weights": False}
 
     def record_attention(part, index, module, args, *kwargs_and_output):

@@ -188,8 +188,8 @@ def _gradients(model: DETR, analysis: Analysis, queries: list[int], classes: lis
     Returns ``(grads, fused)``: per target ``{(part, layer): delta (1, H, L, d)}``, and the
     live attention tensors of the one forward pass (detached), keyed the same way. One forward
     with a graph (from the captured transformer inputs: no backbone), one backward per target.
-    A backward with ``is_grads_batched=True`` (vmap) was measured 1.7x slower per target on DC5
-    than this loop: the fused attention's backward has no batching rule.
+    A single backward with ``is_grads_batched=True`` (vmap) was measured 3-5 % slower than this
+    loop for R50 and DC5 (``benchmarks/explain.py``): the per-target work is the same.
     """
     with torch.inference_mode(False), torch.enable_grad():
         inputs = trainable_copy(analysis.inputs)

@@ -1,0 +1,270 @@
+"""The page as a user drives it: server time and bytes of every interaction, now and before.
+
+    python -m benchmarks.page                      # this checkout and the baseline, R50 + DC5
+    python -m benchmarks.page --baseline c4dde06   # the page as it was at another commit
+    python -m benchmarks.page --quick              # 3 repeats instead of 7
+
+``streamlit run app.py`` serves on loopback through ``benchmarks/timed_server.py``, which logs
+every script run (whole page or fragment): its server time and the bytes of the messages it
+sends. Debian's chromium, driven by Playwright (never ``playwright install``), drops a photo
+(the 4:3 photo at the official size, 1066x800), waits for the heatmaps, then repeats each
+interaction, waiting for the page to settle after each:
+
+- threshold move (sidebar slider, one step: the whole page reruns), layer switch and head
+  switch of the decoder maps, a click on the photo, a page of detections, a method switch
+  (raw attention <-> rollout, once both are computed), and a whole-page rerun (the opacity
+  slider); the baseline page has no method control, and its layer and head live in the sidebar;
+- time to the first heatmaps after the upload: from the drop to a settled page (browser wall
+  time), with the server time of the runs in between.
+
+The baseline is the same app at another commit (default: the last release, c4dde06), exported
+with ``git archive`` into a temporary folder and served the same way, in the same run. Weights:
+the planted stand-ins (``python -m detr_viz.testing``); timing does not depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks.common import (
+    CpuShare,
+    Timing,
+    common_arguments,
+    official_size_photo,
+    print_header,
+    resolve,
+    stand_in_weights,
+    table,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update"]
+GOAL = {"whole page rerun": 0.080}  # every other interaction: 0.050
+SETTLED = ("() => !document.querySelector('[data-stale=\"true\"]') && "
+           "!document.querySelector('[data-testid=\"stStatusWidget\"]')")
+
+
+class Server:
+    """One checkout of the app served on a free loopback port, its runs logged."""
+
+    def __init__(self, folder: Path, weights: Path, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = log
+        env = {**os.environ, "DETR_VIZ_WEIGHTS": str(weights), "DETR_VIZ_TIMING": str(log),
+               "PYTHONPATH": str(folder), "TORCH_HOME": str(log.parent / "torch")}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "timed_server.py"), "app.py",
+             "--server.headless", "true", "--server.address", "127.0.0.1",
+             "--server.port", str(self.port), "--browser.gatherUsageStats", "false"],
+            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.close()
+        raise RuntimeError("streamlit did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def records(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+class Driver:
+    """A browser page on a server; ``act`` does one interaction and returns its runs."""
+
+    def __init__(self, browser, server: Server, new_page: bool):
+        self.server, self.new = server, new_page
+        self.page = browser.new_page(viewport={"width": 1400, "height": 2600})
+        self.page.goto(server.url)
+        self.page.wait_for_selector(".js-plotly-plot", timeout=300_000)
+        self.settle()
+
+    def settle(self) -> None:
+        time.sleep(0.3)
+        self.page.wait_for_function(SETTLED, timeout=600_000)
+        time.sleep(0.2)
+
+    def act(self, step) -> list[dict]:
+        before = len(self.server.records())
+        step()
+        self.settle()
+        deadline = time.monotonic() + 30
+        while len(self.server.records()) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)  # a run queued behind the first
+        return self.server.records()[before:]
+
+    # --- the interactions ---------------------------------------------------------------
+
+    def upload(self, photo: Path) -> None:
+        if not self.new:
+            self.page.get_by_text("Upload a photo").click()
+            self.settle()
+        self.page.locator("input[type=file]").set_input_files(str(photo))
+        self.page.get_by_text(f"{photo.name}: ").first.wait_for(timeout=600_000)
+
+    def slider(self, label: str, key: str) -> None:
+        thumb = self.page.get_by_role("slider", name=label)
+        thumb.focus()
+        thumb.press(key)
+
+    def choose(self, label: str, option: str) -> None:
+        self.page.get_by_role("combobox", name=label).first.click()
+        self.page.get_by_role("option", name=option, exact=True).click()
+
+    def click_photo(self, fx: float, fy: float) -> None:
+        frame = self.page.frame_locator("iframe[title*='streamlit_image_coordinates']")
+        image = frame.locator("#image")
+        box = image.bounding_box()
+        image.click(position={"x": int(box["width"] * fx), "y": int(box["height"] * fy)})
+
+    def radio(self, option: str) -> None:
+        self.page.get_by_text(option, exact=True).first.click()
+
+    def page_button(self, number: int) -> None:
+        self.page.get_by_role("button", name=str(number), exact=True).first.click()
+
+
+def interactions(d: Driver, repeats: int) -> dict[str, list[list[dict]]]:
+    """Each interaction ``repeats`` times (values alternate, so each step changes the page)."""
+    layer, head = ("Layer", "Head") if d.new else ("Decoder layer", "Head")
+    steps = {
+        "threshold move": [lambda k=k: d.slider("Confidence threshold", k)
+                           for k in ("ArrowLeft", "ArrowRight")],
+        "layer switch": [lambda o=o: d.choose(layer, o) for o in ("layer 5", "layer 6 (last)")],
+        "head switch": [lambda o=o: d.choose(head, o) for o in ("head 2", "mean of heads")],
+        "click on the photo": [lambda f=f: d.click_photo(*f) for f in
+                               ((0.3, 0.4), (0.7, 0.6), (0.5, 0.2), (0.2, 0.8))],
+        "page of detections": [lambda n=n: d.page_button(n) for n in (2, 1)],
+        "whole page rerun": [lambda k=k: d.slider("Opacity", k) for k in ("ArrowLeft",
+                                                                          "ArrowRight")],
+    }
+    if d.new:
+        d.act(lambda: d.radio("rollout"))  # compute once, then switching is cached
+        d.act(lambda: d.radio("raw attention"))
+        steps["method switch (computed)"] = [lambda o=o: d.radio(o) for o in
+                                             ("rollout", "raw attention")]
+    out = {}
+    for name, actions in steps.items():
+        out[name] = [d.act(actions[i % len(actions)]) for i in range(repeats + 1)][1:]
+    return out
+
+
+def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new: bool,
+            work: Path) -> dict[str, dict]:
+    results = {}
+    for variant, stride in (("R50", None), ("R50-DC5", "DC5 (stride 16)")):
+        server = Server(folder, weights, work / f"{'new' if new else 'old'}-{variant}.jsonl")
+        try:
+            d = Driver(browser, server, new)
+            if stride:
+                d.act(lambda d=d, s=stride: d.radio(s))
+            start = time.perf_counter()
+            runs = d.act(lambda d=d: d.upload(photo))
+            first = {"wall": time.perf_counter() - start,
+                     "server": sum(r["seconds"] for r in runs)}
+            results[variant] = {"first": first, "interactions": interactions(d, repeats)}
+            d.page.close()
+        finally:
+            server.close()
+    return results
+
+
+def summarise(runs: list[list[dict]]) -> tuple[Timing, float, str]:
+    """Server time per interaction (all its runs), median bytes, and the run kind."""
+    seconds = Timing(tuple(sum(r["seconds"] for r in rs) for rs in runs if rs))
+    sizes = [sum(r["bytes"] for r in rs) for rs in runs if rs]
+    kinds = {("fragment" if r["fragment"] else "whole page") for rs in runs for r in rs}
+    return seconds, statistics.median(sizes) if sizes else 0, " + ".join(sorted(kinds))
+
+
+def report(results: dict[str, dict], label: str) -> tuple[list[list[str]], list[list[str]]]:
+    rows, first = [], []
+    for variant, res in results.items():
+        for name, runs in res["interactions"].items():
+            t, size, kind = summarise(runs)
+            goal = GOAL.get(name, 0.050)
+            rows.append([label, variant, name, kind, t.seconds(), f"{size / 1024:.0f} KiB",
+                         "yes" if t.median <= goal else "NO"])
+        f = res["first"]
+        first.append([label, variant, f"{f['wall']:.2f} s", f"{f['server']:.2f} s"])
+    return rows, first
+
+
+def baseline_checkout(rev: str, into: Path) -> Path:
+    folder = into / f"baseline-{rev}"
+    folder.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common_arguments(__doc__.splitlines()[0], repeats=7, quick_repeats=3)
+    parser.add_argument("--baseline", default="c4dde06",
+                        help="commit whose page is measured beside this checkout's ('' : none)")
+    args = resolve(parser.parse_args(argv))
+    if CHROMIUM is None:
+        sys.exit("needs Debian's chromium: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    print_header("The page through a browser: server time and bytes per interaction", args)
+    share = CpuShare()
+    weights = stand_in_weights()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        photo = work / "PHOTO_4x3.jpg"
+        official_size_photo().save(photo, quality=90)
+        checkouts = [("now", ROOT, True)]
+        if args.baseline:
+            checkouts.insert(0, (f"before ({args.baseline})",
+                                 baseline_checkout(args.baseline, work), False))
+        rows, first = [], []
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            for label, folder, new in checkouts:
+                r, f = report(measure(browser, folder, weights, photo, args.repeats, new, work),
+                              label)
+                rows += r
+                first += f
+            browser.close()
+    print("### Server time per interaction (median of repeats, IQR) and bytes sent\n")
+    print("Bytes: the protobuf messages the run queued for the browser, before the "
+          "websocket's compression. Goal: 50 ms per interaction, 80 ms for a whole page.\n")
+    print(table(["page", "variant", "interaction", "runs", "server time", "bytes",
+                 "goal met?"], rows) + "\n")
+    print("### Time to the first heatmaps after dropping a photo\n")
+    print(table(["page", "variant", "drop -> settled page (browser)",
+                 "server time of those runs"], first) + "\n")
+    print(share.report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``streamlit run`` with every script run timed and its messages counted (for page.py).
+
+    DETR_VIZ_TIMING=runs.jsonl python benchmarks/timed_server.py app.py --server.port 8600
+
+Each script run, whole page or fragment, appends one JSON line: its server time (from the
+start of the script to its end, widgets, library calls, figure building and serialisation
+included), the bytes of the protobuf messages it queued for the browser (before the
+websocket's compression) and whether it was a fragment run. Run as a file, not a module, so
+that it also serves an older checkout of the app (page.py's baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+from streamlit.runtime.scriptrunner import script_runner
+from streamlit.web import cli
+
+LOG = os.environ["DETR_VIZ_TIMING"]
+_lock = threading.Lock()
+_Runner = script_runner.ScriptRunner
+_run, _enqueue = _Runner._run_script, _Runner._enqueue_forward_msg
+
+
+def _timed_run(self, rerun_data):
+    self._detr_viz_bytes = 0
+    start, wall = time.perf_counter(), time.time()
+    try:
+        return _run(self, rerun_data)
+    finally:
+        record = {"wall": wall, "seconds": time.perf_counter() - start,
+                  "bytes": self._detr_viz_bytes, "fragment": bool(rerun_data.fragment_id_queue)}
+        with _lock, open(LOG, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+def _counted_enqueue(self, msg):
+    self._detr_viz_bytes = getattr(self, "_detr_viz_bytes", 0) + msg.ByteSize()
+    return _enqueue(self, msg)
+
+
+_Runner._run_script = _timed_run
+_Runner._enqueue_forward_msg = _counted_enqueue
+
+if __name__ == "__main__":
+    sys.argv = ["streamlit", "run", *sys.argv[1:]]
+    sys.exit(cli.main())
