@@ -14,7 +14,7 @@ import logging
 import streamlit as st
 
 from detr_viz import DetrVizError, export, figures
-from detr_viz.ui import layers, resources
+from detr_viz.ui import charts, layers, resources
 from detr_viz.ui.compare import compare_section
 from detr_viz.ui.decoder import decoder_section
 from detr_viz.ui.downloads import export_section
@@ -85,8 +85,8 @@ def main() -> None:
     points = points_of(photo, run.analysis)
     threshold, method, style = controls.threshold, controls.method, controls.style
     st.subheader("Detections")
-    st.plotly_chart(figures.detections_figure(photo.display, run.analysis.detections(threshold)),
-                    key="detections")
+    charts.show(figures.detections_figure.spec(photo.display, run.analysis.detections(threshold)),
+                key="detections")
     st.subheader("Decoder: what each detected object looks at")
     decoder_section(run, photo, threshold, method, style)
     st.subheader("Encoder: attention around a point")

@@ -148,7 +148,7 @@ class Driver:
         self.page.get_by_text(option, exact=True).first.click()
 
     def page_button(self, number: int) -> None:
-        self.page.get_by_role("button", name=str(number), exact=True).first.click()
+        self.page.get_by_role("button", name=f"Page {number}", exact=True).first.click()
 
 
 def interactions(d: Driver, repeats: int) -> dict[str, list[list[dict]]]:

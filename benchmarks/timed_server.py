@@ -26,12 +26,24 @@ _Runner = script_runner.ScriptRunner
 _run, _enqueue = _Runner._run_script, _Runner._enqueue_forward_msg
 
 
+PROFILE = os.environ.get("DETR_VIZ_PROFILE")  # a folder: one cProfile dump per run
+
+
 def _timed_run(self, rerun_data):
     self._detr_viz_bytes = 0
     start, wall = time.perf_counter(), time.time()
+    profiler = None
+    if PROFILE:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         return _run(self, rerun_data)
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(PROFILE, f"run-{wall:.3f}.prof"))
         record = {"wall": wall, "seconds": time.perf_counter() - start,
                   "bytes": self._detr_viz_bytes, "fragment": bool(rerun_data.fragment_id_queue)}
         with _lock, open(LOG, "a") as log:

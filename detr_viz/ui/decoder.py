@@ -7,7 +7,7 @@ import streamlit as st
 from detr_viz import figures, overview
 from detr_viz.analysis import Detection
 from detr_viz.explain import RAW, RELEVANCE
-from detr_viz.ui import layers, scores
+from detr_viz.ui import charts, layers, scores
 from detr_viz.ui.maps import decoder_maps, tag
 from detr_viz.ui.resources import Photo, Run
 
@@ -43,10 +43,10 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     maps = decoder_maps(photo, run, method, queries, layer, head)
     width, height = run.analysis.original_size  # rows as tall as a column's photo, + a title
     row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
-    st.plotly_chart(figures.decoder_grid(photo.panel, run.analysis.grid, shown, maps,
-                                         height_per_row=row, titles=[_title(d, method)
-                                                                     for d in shown], **style),
-                    key="decoder-grid")
+    charts.show(figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,
+                                          height_per_row=row,
+                                          titles=[_title(d, method) for d in shown], **style),
+                key="decoder-grid")
     if shown:
         scores.score_row(run, photo, shown, dict(zip(queries, maps, strict=True)),
                          tag(method, layer, head))

@@ -10,7 +10,7 @@ from detr_viz import figures, overview
 from detr_viz.analysis import INCOMING, OUTGOING, Analysis
 from detr_viz.display import display_to_original
 from detr_viz.explain import RAW, RELEVANCE
-from detr_viz.ui import layers
+from detr_viz.ui import charts, layers
 from detr_viz.ui.maps import encoder_maps
 from detr_viz.ui.resources import Photo, Run
 
@@ -87,12 +87,12 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             cell = analysis.grid.cell_at(*points[-1])
             title = f"cell {cell} of {analysis.feature_hw[0]}x{analysis.feature_hw[1]}"
             title += "" if method == RAW else f" ({method})"
-            st.plotly_chart(figures.attention_heatmap(maps[-1], title, style["colorscale"],
-                                                      marker_cell=cell), key="encoder-map")
+            charts.show(figures.attention_heatmap.spec(maps[-1], title, style["colorscale"],
+                                                       marker_cell=cell), key="encoder-map")
         else:
             st.info("No reference point: click the photo.")
-    st.plotly_chart(figures.encoder_panels(photo.panel, analysis.grid, points, maps, **style),
-                    key="encoder-panels")
+    charts.show(figures.encoder_panels.spec(photo.panel, analysis.grid, points, maps, **style),
+                key="encoder-panels")
     if points and st.toggle("Every layer and head, at the last point", key="enc-overview-on"):
         grid = overview.encoder_overview(analysis, points[-1], direction)
         layers.overview("enc", grid, (layer, head), photo.display, analysis.grid,
