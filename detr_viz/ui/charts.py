@@ -44,8 +44,9 @@ def _template() -> dict:
 
 
 def _typed(trace: dict) -> dict:
-    out = dict(trace)
-    for key, value in trace.items():
+    """The trace as ``to_dict`` gives it: unset (None) properties dropped, arrays encoded."""
+    out = {k: v for k, v in trace.items() if v is not None}
+    for key, value in out.items():
         if isinstance(value, np.ndarray) and value.dtype in _DTYPES:
             data = np.ascontiguousarray(value)
             out[key] = {"dtype": _DTYPES[value.dtype], "shape": ", ".join(map(str, value.shape)),
