@@ -10,7 +10,6 @@ import io
 import struct
 import subprocess
 import sys
-import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import torch
 import torchvision.transforms.functional as TF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from detr_viz.errors import ArgumentError, DetrVizError, ImageError
 from detr_viz.image import (
@@ -454,10 +453,12 @@ def test_unusable_sources_are_refused(source, words):
     assert_refused(source, *words)
 
 
-def test_a_decompression_bomb_is_refused_from_the_header_quickly():
-    start = time.perf_counter()
+def test_a_decompression_bomb_is_refused_from_the_header(monkeypatch):
+    """Refused before any pixel is decoded (asserted, not timed: timing depends on the host)."""
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, *a, **k: decoded.append(1))
     assert_refused(png_claiming(100_000, 100_000), "10,000,000,000 pixels", "decompression bomb")
-    assert time.perf_counter() - start < 1.0
+    assert not decoded
 
 
 def test_images_over_max_pixels_are_refused_before_decoding():

@@ -19,7 +19,6 @@ import os
 import pickle
 import struct
 import threading
-import time
 import warnings
 import weakref
 import zlib
@@ -372,8 +371,8 @@ BOMBS = [
 
 @pytest.mark.parametrize(("fmt", "width", "height"), BOMBS, ids=lambda v: str(v))
 def test_decompression_bomb_is_refused_before_decoding(fmt, width, height):
-    """Decoding would take width * height * 3 bytes (363 MB to 12 GB): refused in well under
-    a second, and the peak RSS of the refusal stays under 100 MB."""
+    """Decoding would take width * height * 3 bytes (363 MB to 12 GB): refused, with the peak
+    RSS of the refusal under 100 MB (no decode happened; not timed: time depends on the host)."""
     if fmt == "real PNG":
         data = real_png_bomb(width, height)
         assert load_image(real_png_bomb(64, 48)).getpixel((63, 47)) == (0, 0, 0)
@@ -382,16 +381,14 @@ def test_decompression_bomb_is_refused_before_decoding(fmt, width, height):
         assert load_image(control).size == (8, 8)  # the size edit alone makes the bomb
         data = claiming(fmt, width, height)
     measure_peak = reset_peak_rss()
-    before, start = rss(), time.perf_counter()
+    before = rss()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             outcome: object = load_image(data)
     except ImageError as error:
         outcome = error
-    elapsed = time.perf_counter() - start
     grown = (peak_rss() if measure_peak else rss()) - before
-    assert elapsed < 1.0, f"took {elapsed:.2f} s"
     assert grown < 100 * MB, f"RSS rose by {grown / MB:.0f} MB"
     assert isinstance(outcome, ImageError), outcome
     if fmt != "HEIF":  # libheif checks its own limit; the others are refused from the header
