@@ -2,7 +2,9 @@
 
     python -m benchmarks.attention_factors [--quick]
 
-Evidence for a suggested change to ``detr_viz/capture.py`` (which this script does not touch).
+The evidence behind ``detr_viz/attention.py`` (the fused path with a sink key, applied; the
+"capture now" rows are the weight-building path capture still takes for models that are not
+detr-viz's own, such as the torch hub DETR).
 ``capture`` asks ``nn.MultiheadAttention`` for per-head weights, so every layer materialises
 the (heads, L, S) logits and softmax (8 x 3350 x 3350 float32 = 359 MB each for DC5 at
 800x1066), then ``_factorise`` reads them once more for each row's maximum. The factors it keeps
@@ -42,6 +44,7 @@ from benchmarks.common import (
     table,
 )
 from detr_viz import preprocess
+from detr_viz.attention import fused_attention
 from detr_viz.capture import _factorise
 from detr_viz.model import nested_tensor_from_tensor_list
 
@@ -121,14 +124,21 @@ def bench(variant: str, repeats: int):
         cases = {
             "MHA (as plain forward)": now_plain,
             "MHA per head + _factorise (capture now)": now_capture,
+            "detr-viz fused + sink key (applied)": lambda: fused_attention(mha, qk, qk, src,
+                                                                          mask),
             "MHA need_weights=False (SDPA)": sdpa_only,
             "flash op -> output + factors": lambda: flash_factors(mha, qk, qk, src, mask),
             "SDPA + chunked logsumexp": lambda: sdpa_chunked_factors(mha, qk, qk, src, mask),
         }
         ref_out, _, ref = now_capture()
         checks = {}
+        def applied(*args):
+            out, fused = fused_attention(*args)
+            return out, (fused.q, fused.k, fused.lse)
+
         for name, fn in (("flash op -> output + factors", flash_factors),
-                         ("SDPA + chunked logsumexp", sdpa_chunked_factors)):
+                         ("SDPA + chunked logsumexp", sdpa_chunked_factors),
+                         ("detr-viz fused + sink key (applied)", applied)):
             out, (q, k, lse) = fn(mha, qk, qk, src, mask)
             qk_diff = max((q - ref.q).abs().max().item(), (k - ref.k).abs().max().item())
             checks[name] = (f"{(out - ref_out).abs().max().item():.1e} / {qk_diff:.1e} / "

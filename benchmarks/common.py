@@ -11,8 +11,8 @@ synthetic images), written once into a temporary folder and reused; nothing is c
 
 Weights: the deterministic stand-ins of :mod:`detr_viz.testing` (the official checkpoints cannot
 be downloaded here, and nothing here loads weights from a hub). Timing does not depend on the
-weight values; only the number of detections above a threshold does, which is why the
-interaction benchmark uses the "planted" stand-ins that spread the scores out.
+weight values; only the number of detections above a threshold does, which is why the page
+and explanation benchmarks use the "planted" stand-ins that spread the scores out.
 """
 
 from __future__ import annotations
