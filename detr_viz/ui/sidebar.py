@@ -13,6 +13,7 @@ import streamlit as st
 
 from detr_viz import figures
 from detr_viz.explain import METHODS
+from detr_viz.lookup import describe_sources
 from detr_viz.model import VARIANTS
 from detr_viz.ui.maps import HELP
 
@@ -58,6 +59,10 @@ def sidebar():
         st.header("Overlay")
         opacity = st.slider("Opacity", 0.0, 1.0, 0.6, 0.05)
         colorscale = st.selectbox("Colour scale", figures.COLORSCALES)
+        with st.expander("Where the weights come from"):
+            st.markdown("The first of these that exists is used: official `.pth` files or "
+                        "Hugging Face checkpoints (`facebook/detr-resnet-50`, ...).\n\n"
+                        + describe_sources(variant))
     by_label = {label: v for v, label in LABELS.items()}
     controls = Controls(variant, by_label.get(other), threshold, method,
                         {"opacity": opacity, "colorscale": colorscale})
