@@ -53,17 +53,10 @@ def summary(run: Run, name: str, threshold: float, count_slot) -> None:
 def view_now(controls: Controls, points: list[tuple[float, float]]) -> export.View:
     """What the page shows at this moment (the fragments' controls live in session state)."""
     state = st.session_state
-
-    def layer_head(prefix):
-        layer = layers.LAYERS.index(state.get(f"{prefix}-layer", layers.LAYERS[-1]))
-        head = layers.HEADS.index(state.get(f"{prefix}-head", layers.HEADS[0])) - 1
-        return layer, None if head < 0 else head
-
-    (dl, dh), (el, eh) = layer_head("dec"), layer_head("enc")
-    target = state.get("enc-target")
+    (dl, dh), (el, eh) = layers.current("dec"), layers.current("enc")
     return export.View(controls.threshold, controls.method, dl, dh, el, eh,
                        DIRECTIONS[state.get("enc-direction", next(iter(DIRECTIONS)))],
-                       tuple(points), int(target.split(":")[0].split()[1]) if target else None)
+                       tuple(points), state.get("enc-target"))
 
 
 def main() -> None:

@@ -299,7 +299,9 @@ def capture(
 
     def record_inputs(module, args, kwargs):
         if threading.get_ident() == owner:
-            src, mask, _, pos = (*args, *kwargs.values())[:4]
+            names = ("src", "mask", "query_embed", "pos_embed")
+            given = {**dict(zip(names, args, strict=False)), **kwargs}
+            src, mask, pos = given["src"], given["mask"], given["pos_embed"]
             keep = (lambda t: t) if live else (lambda t: t.detach().cpu())
             result.inputs = TransformerInputs(keep(src), keep(mask), keep(pos))
 

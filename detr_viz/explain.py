@@ -270,7 +270,7 @@ def relevance(model: DETR, analysis: Analysis, queries: Sequence[int],
     classes = _classes(analysis, queries, classes)
     h, w = analysis.feature_hw
     if not queries:
-        return np.zeros((0, h, w), dtype=analysis.encoder[0].q.numpy().dtype)
+        return analysis.encoder[0].q.new_zeros(0, h, w).numpy()
     grads, fused = _gradients(model, analysis, queries, classes)
     layers, step, maps = analysis.num_layers, _chunk(analysis), []
     for i in range(0, len(queries), step):

@@ -14,13 +14,6 @@ from detr_viz.ui.sidebar import LABELS
 MAX_PAIRS = 4
 
 
-def _choice(prefix: str) -> tuple[int, int | None]:
-    """The layer and head chosen in the decoder (dec) or encoder (enc) section."""
-    layer = st.session_state.get(f"{prefix}-layer", layers.LAYERS[-1])
-    head = layers.HEADS.index(st.session_state.get(f"{prefix}-head", layers.HEADS[0])) - 1
-    return layers.LAYERS.index(layer), None if head < 0 else head
-
-
 @st.fragment
 def compare_section(a: Run, b: Run, photo: Photo, threshold: float, method: str, style: dict,
                     points: list[tuple[float, float]]) -> None:
@@ -34,14 +27,14 @@ def compare_section(a: Run, b: Run, photo: Photo, threshold: float, method: str,
     pairs = matching.pairs[:MAX_PAIRS]
     if len(matching.pairs) > MAX_PAIRS:
         st.caption(f"Showing the {MAX_PAIRS} best-scoring pairs.")
-    layer, head = _choice("dec")
+    layer, head = layers.current("dec")
     maps_a = decoder_maps(photo, a, method, [p.a.query for p in pairs], layer, head)
     maps_b = decoder_maps(photo, b, method, [p.b.query for p in pairs], layer, head)
     st.plotly_chart(compare_figures.comparison_figure(
         photo.panel, a.analysis.grid, b.analysis.grid, pairs, maps_a, maps_b, labels=labels,
         **style), key="compare-decoder")
     if points:
-        layer, head = _choice("enc")
+        layer, head = layers.current("enc")
         direction = DIRECTIONS[st.session_state.get("enc-direction", next(iter(DIRECTIONS)))]
         target = pairs[0] if pairs else None
         pair_maps = [encoder_maps(photo, run, method, points[-1:], layer, head, direction,

@@ -56,8 +56,9 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
 def _overview(run: Run, photo: Photo, shown: list[Detection], current, style) -> None:
     # a toggle, not an expander: a collapsed expander's content is still computed every run
     if st.toggle("Every layer and head, for one detection", key="dec-overview-on"):
-        names = {f"query {d.query}: {d.name} {d.score:.2f}": d for d in shown}
-        det = names[st.selectbox("Detection", list(names), key="dec-overview-query")]
+        by_query = {d.query: d for d in shown}
+        det = by_query[st.selectbox("Detection", list(by_query), key="dec-overview-query",
+                                    format_func=lambda q: scores.describe(by_query[q]))]
         maps = overview.decoder_overview(run.analysis, det.query)
         layers.overview("dec", maps, current, photo.display, run.analysis.grid,
                         style["colorscale"], box=det.box)

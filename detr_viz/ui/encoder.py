@@ -13,6 +13,7 @@ from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers
 from detr_viz.ui.maps import encoder_maps
 from detr_viz.ui.resources import Photo, Run
+from detr_viz.ui.scores import describe
 
 MAX_POINTS = 4  # encoder reference points kept side by side, as in the classic notebook
 DIRECTIONS = {"what looks at the point": INCOMING, "where the point looks": OUTGOING}
@@ -57,8 +58,9 @@ def take_click(photo: Photo, analysis: Analysis, points: list[tuple[float, float
 def target_of(run: Run, threshold: float) -> int | None:
     """The detection whose relevance the encoder maps show (a selectbox), or None."""
     kept = run.analysis.detections(threshold) or run.analysis.detections(0.0)[:1]
-    names = {f"query {d.query}: {d.name} {d.score:.2f}": d.query for d in kept}
-    return names[st.selectbox("Relevance for detection", list(names), key="enc-target")]
+    by_query = {d.query: d for d in kept}
+    return st.selectbox("Relevance for detection", list(by_query), key="enc-target",
+                        format_func=lambda q: describe(by_query[q]))
 
 
 @st.fragment

@@ -29,6 +29,13 @@ def apply_pick(prefix: str) -> None:
     st.session_state[f"{prefix}-head"] = HEADS[0 if head is None else head + 1]
 
 
+def current(prefix: str) -> tuple[int, int | None]:
+    """The layer and head chosen in a section (``dec`` or ``enc``) so far: (0..5, head or None)."""
+    layer = LAYERS.index(st.session_state.get(f"{prefix}-layer", LAYERS[-1]))
+    head = HEADS.index(st.session_state.get(f"{prefix}-head", HEADS[0])) - 1
+    return layer, None if head < 0 else head
+
+
 def layer_and_head(prefix: str, columns) -> tuple[int, int | None]:
     """Two selectboxes in ``columns``: (layer index 0..5, head index or None for the mean)."""
     layer = LAYERS.index(columns[0].selectbox("Layer", LAYERS, index=5, key=f"{prefix}-layer"))

@@ -9,8 +9,7 @@ import streamlit as st
 from detr_viz.analysis import Detection
 from detr_viz.explain import METHODS, RAW
 from detr_viz.faithfulness import ranking
-from detr_viz.ui import resources
-from detr_viz.ui.layers import HEADS, LAYERS
+from detr_viz.ui import layers, resources
 from detr_viz.ui.maps import decoder_maps, tag
 from detr_viz.ui.resources import Photo, Run
 
@@ -38,14 +37,12 @@ def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np
 
 
 def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
-    names = {f"query {d.query}: {d.name} {d.score:.2f}": d for d in shown}
-    det = names[st.selectbox("Detection", list(names), key="rank-query")]
-    layer = st.session_state.get("dec-layer")  # the decoder section's current choices
+    by_query = {d.query: d for d in shown}
+    det = by_query[st.selectbox("Detection", list(by_query), key="rank-query",
+                                format_func=lambda q: describe(by_query[q]))]
     if not st.button("Compute the table", key="rank-go"):
         return
-    layer = LAYERS.index(layer) if layer in LAYERS else 5
-    head = HEADS.index(st.session_state.get("dec-head", HEADS[0])) - 1
-    head = None if head < 0 else head
+    layer, head = layers.current("dec")  # the decoder section's choices
     maps = {m: decoder_maps(photo, run, m, [det.query], layer, head)[0] for m in METHODS}
     found = {m: resources.scores(photo, run, det.query, {"map": maps[m]}, tag(m, layer, head))
              ["map"] for m in METHODS}
@@ -58,6 +55,10 @@ def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
                  "in the box": None})
     st.dataframe(rows, hide_index=True)
     st.plotly_chart(curves_figure(found, random), key="rank-curves")
+
+
+def describe(det: Detection) -> str:
+    return f"query {det.query}: {det.name} {det.score:.2f}"
 
 
 def curves_figure(found: dict, random) -> go.Figure:
