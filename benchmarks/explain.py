@@ -167,10 +167,12 @@ def faithfulness_rows(variant: str, repeats: int) -> list[list[str]]:
 
 
 MEMORY_CHILD = r"""
-import json, resource, sys
+import json, sys
 from detr_viz import analyze, explain, load_image, load_model
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over fork)
+    with open("/proc/self/status") as status:
+        line = next(l for l in status if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 out = {}
 model = load_model(sys.argv[1], checkpoint=sys.argv[3], download=False)
 out["model"] = peak()
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"### Faithfulness (steps = {faithfulness.STEPS})\n")
     print(table(["variant", "what", "transformer runs", "time", "per run"], faith) + "\n")
     if args.memory:
-        print("### Peak memory (MiB, ru_maxrss, fresh process each)\n")
+        print("### Peak memory (MiB, peak RSS = VmHWM, fresh process each)\n")
         print(memory_table(args.variants) + "\n")
     print(share.report())
 

@@ -293,7 +293,12 @@ class DETR(nn.Module):
         hidden_dim = self.transformer.d_model
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        # normal_ on the meta device (the shapes check of detr_viz.weights builds one there)
+        # dispatches through torch._refs, which imports torch._dynamo: 1.4 s of a cold start
+        queries = torch.empty(num_queries, hidden_dim)
+        if queries.device.type != "meta":
+            nn.init.normal_(queries)  # nn.Embedding's own initialisation
+        self.query_embed = nn.Embedding(num_queries, hidden_dim, _weight=queries)
         backbone = Backbone(variant.backbone, variant.dilation)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2))

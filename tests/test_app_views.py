@@ -131,11 +131,15 @@ def test_scores_appear_on_demand_and_equal_the_library(app, oracle):
         assert any(c.value == text for c in app.caption), text
 
 
-def test_side_by_side_matches_detections_and_shows_each_grid(app, oracle):
+def test_side_by_side_matches_detections_and_shows_each_grid(app, oracle, forwards):
     a, b = oracle(SAMPLE.read_bytes()), oracle(SAMPLE.read_bytes(), DC5)
     app.run()
     app.selectbox(key="compare-with").set_value("R50-DC5").run()
     assert_clean(app)
+    runs = len(forwards)
+    app.slider(key="threshold").set_value(0.95).run()  # a slider: no model runs again
+    app.slider(key="threshold").set_value(0.9).run()
+    assert len(forwards) == runs
     figures = charts(app)
     matching = compare.match_detections(a.detections(0.9), b.detections(0.9))
     assert any(f"{len(matching.pairs)} objects found by both" in c.value for c in app.caption)

@@ -143,13 +143,18 @@ def test_unknown_resnet_is_a_clear_error():
 
 
 def test_importing_the_library_imports_neither_torchvision_nor_dynamo():
-    """Importing every module of detr_viz (what the app imports, and more) stays light: no
-    torchvision (its ``torchvision.ops`` imports ``torch._dynamo``, about 0.9 s), no dynamo."""
+    """Importing every module of detr_viz (what the app imports, and more) and loading a
+    checkpoint stay light: no torchvision (its ``torchvision.ops`` imports ``torch._dynamo``,
+    about 0.9 s), no dynamo."""
     modules = ["detr_viz"] + [f"detr_viz.{m.name}" for m in pkgutil.iter_modules(detr_viz.__path__)]
     assert {"detr_viz.analysis", "detr_viz.resnet", "detr_viz.model"} <= set(modules)
     code = (
-        "import importlib, json, sys\n"
+        "import importlib, json, sys, tempfile, torch\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
+        "from detr_viz import build_model, load_model\n"  # and loading weights (shape checks)
+        "path = tempfile.mktemp(suffix='.pth')\n"
+        "torch.save(build_model('detr_resnet50').state_dict(), path)\n"
+        "load_model('detr_resnet50', checkpoint=path, download=False)\n"
         "print(json.dumps(sorted(m for m in sys.modules\n"
         "    if m.split('.')[0] == 'torchvision' or m.startswith('torch._dynamo'))))\n"
     )
