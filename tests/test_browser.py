@@ -201,7 +201,7 @@ THUMBNAIL = """([layer, head]) => {
 
 
 def test_a_click_on_the_overview_makes_that_layer_and_head_the_shown_one(page, analysis):
-    page.get_by_text("Every layer and head, for one detection").click()
+    page.get_by_text("Every layer and head (raw attention), for one detection").click()
     page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
                            "p => p.data.some(t => t.name === 'thumbnails'))", timeout=60_000)
     time.sleep(1)

@@ -55,7 +55,7 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
 
 def _overview(run: Run, photo: Photo, shown: list[Detection], current, style) -> None:
     # a toggle, not an expander: a collapsed expander's content is still computed every run
-    if st.toggle("Every layer and head, for one detection", key="dec-overview-on"):
+    if st.toggle("Every layer and head (raw attention), for one detection", key="dec-overview-on"):
         by_query = {d.query: d for d in shown}
         det = by_query[st.selectbox("Detection", list(by_query), key="dec-overview-query",
                                     format_func=lambda q: scores.describe(by_query[q]))]

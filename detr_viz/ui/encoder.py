@@ -95,7 +95,8 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             st.info("No reference point: click the photo.")
     charts.show(figures.encoder_panels.spec(photo.panel, analysis.grid, points, maps, **style),
                 key="encoder-panels")
-    if points and st.toggle("Every layer and head, at the last point", key="enc-overview-on"):
+    if points and st.toggle("Every layer and head (raw attention), at the last point",
+                            key="enc-overview-on"):
         grid = overview.encoder_overview(analysis, points[-1], direction)
         layers.overview("enc", grid, (layer, head), photo.display, analysis.grid,
                         style["colorscale"], point=points[-1])
