@@ -19,6 +19,7 @@ from detr_viz.ui.compare import compare_section
 from detr_viz.ui.decoder import decoder_section
 from detr_viz.ui.downloads import export_section
 from detr_viz.ui.encoder import DIRECTIONS, encoder_section, points_of
+from detr_viz.ui.memo import memo
 from detr_viz.ui.photo import choose_photo
 from detr_viz.ui.resources import Run
 from detr_viz.ui.sidebar import Controls, sidebar
@@ -78,7 +79,9 @@ def main() -> None:
     points = points_of(photo, run.analysis)
     threshold, method, style = controls.threshold, controls.method, controls.style
     st.subheader("Detections")
-    charts.show(figures.detections_figure.spec(photo.display, run.analysis.detections(threshold)),
+    kept = run.analysis.detections(threshold)
+    charts.show(memo(("detections", photo.digest, *run.key, tuple(d.query for d in kept)),
+                     lambda: figures.detections_figure.spec(photo.display, kept)),
                 key="detections")
     st.subheader("Decoder: what each detected object looks at")
     decoder_section(run, photo, threshold, method, style)

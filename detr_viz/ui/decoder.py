@@ -9,6 +9,7 @@ from detr_viz.analysis import Detection
 from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers, scores
 from detr_viz.ui.maps import decoder_maps, tag
+from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 
 PER_PAGE = 4
@@ -40,13 +41,19 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
                         "to raw attention and to the overview below.")
     shown = shown_detections(run, photo, threshold)
     queries = [d.query for d in shown]
-    maps = decoder_maps(photo, run, method, queries, layer, head)
-    width, height = run.analysis.original_size  # rows as tall as a column's photo, + a title
-    row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
-    charts.show(figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,
-                                          height_per_row=row,
-                                          titles=[_title(d, method) for d in shown], **style),
-                key="decoder-grid")
+
+    def build():
+        maps = decoder_maps(photo, run, method, queries, layer, head)
+        width, height = run.analysis.original_size  # rows as tall as a column's photo + title
+        row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
+        return maps, figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,
+                                               height_per_row=row,
+                                               titles=[_title(d, method) for d in shown], **style)
+
+    key = ("decoder", photo.digest, *run.key, method, layer, head, tuple(queries),
+           tuple(style.items()))
+    maps, spec = memo(key, build)
+    charts.show(spec, key="decoder-grid")
     if shown:
         scores.score_row(run, photo, shown, dict(zip(queries, maps, strict=True)),
                          tag(method, layer, head))

@@ -12,6 +12,7 @@ from detr_viz.display import display_to_original
 from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers
 from detr_viz.ui.maps import encoder_maps
+from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 from detr_viz.ui.scores import describe
 
@@ -77,24 +78,36 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
              "clicked cell.")]
     target = target_of(run, threshold) if method == RELEVANCE else None
     left, right = st.columns([1, 1])
+    last = points[-1] if points else None
     with left:
         st.caption("Click the photo to pick a reference point (the last four are kept).")
         streamlit_image_coordinates(
-            marked(photo, analysis, points[-1] if points else None), key=f"click-{photo.digest}",
-            use_column_width="always", image_format="JPEG", jpeg_quality=85, cursor="crosshair")
+            memo(("click", photo.digest, *run.key, last), lambda: marked(photo, analysis, last)),
+            key=f"click-{photo.digest}", use_column_width="always", image_format="JPEG",
+            jpeg_quality=85, cursor="crosshair")
         st.button("Clear points", disabled=not points, on_click=points.clear, key="clear-points")
-    maps = encoder_maps(photo, run, method, points, layer, head, direction, target)
-    with right:
+
+    def build():
+        maps = encoder_maps(photo, run, method, points, layer, head, direction, target)
+        heatmap = None
         if points:
-            cell = analysis.grid.cell_at(*points[-1])
+            cell = analysis.grid.cell_at(*last)
             title = f"cell {cell} of {analysis.feature_hw[0]}x{analysis.feature_hw[1]}"
             title += "" if method == RAW else f" ({method})"
-            charts.show(figures.attention_heatmap.spec(maps[-1], title, style["colorscale"],
-                                                       marker_cell=cell), key="encoder-map")
+            heatmap = figures.attention_heatmap.spec(maps[-1], title, style["colorscale"],
+                                                     marker_cell=cell)
+        panels = figures.encoder_panels.spec(photo.panel, analysis.grid, points, maps, **style)
+        return heatmap, panels
+
+    key = ("encoder", photo.digest, *run.key, method, layer, head, direction, target,
+           tuple(points), tuple(style.items()))
+    heatmap, panels = memo(key, build)
+    with right:
+        if heatmap is not None:
+            charts.show(heatmap, key="encoder-map")
         else:
             st.info("No reference point: click the photo.")
-    charts.show(figures.encoder_panels.spec(photo.panel, analysis.grid, points, maps, **style),
-                key="encoder-panels")
+    charts.show(panels, key="encoder-panels")
     if points and st.toggle("Every layer and head (raw attention), at the last point",
                             key="enc-overview-on"):
         grid = overview.encoder_overview(analysis, points[-1], direction)
