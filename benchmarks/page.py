@@ -10,10 +10,12 @@ sends. Debian's chromium, driven by Playwright (never ``playwright install``), d
 (the 4:3 photo at the official size, 1066x800), waits for the heatmaps, then repeats each
 interaction, waiting for the page to settle after each:
 
-- threshold move (sidebar slider, one step: the whole page reruns), layer switch and head
-  switch of the decoder maps, a click on the photo, a page of detections, a method switch
-  (raw attention <-> rollout, once both are computed), and a whole-page rerun (the opacity
-  slider); the baseline page has no method control, and its layer and head live in the sidebar;
+- threshold move (sidebar slider, one step down each time: the whole page reruns), layer
+  switch and head switch of the decoder maps (cycling through all of them), a click on a new
+  point of the photo, a page of detections, a method switch (raw attention <-> rollout, once
+  both are computed), and a whole-page rerun (the opacity slider, one step down each time: every
+  figure changes); the baseline page has no method control, and its layer and head live in the
+  sidebar;
 - time to the first heatmaps after the upload: from the drop to a settled page (browser wall
   time), with the server time of the runs in between.
 
@@ -152,18 +154,21 @@ class Driver:
 
 
 def interactions(d: Driver, repeats: int) -> dict[str, list[list[dict]]]:
-    """Each interaction ``repeats`` times (values alternate, so each step changes the page)."""
+    """Each interaction ``repeats`` times, each time to a state the page has not shown yet
+    where there are enough (thresholds and opacities step one way, layers and heads cycle, the
+    clicks land on new points); pages (2 of them) and methods (raw <-> rollout, "once
+    computed") can only alternate, so those revisit states the page has seen."""
     layer, head = ("Layer", "Head") if d.new else ("Decoder layer", "Head")
+    layers = [f"layer {i}" for i in (5, 4, 3, 2, 1)] + ["layer 6 (last)"]
+    heads = [f"head {i}" for i in range(1, 9)] + ["mean of heads"]
+    points = [(0.1 + 0.8 * ((i * 0.37) % 1), 0.1 + 0.8 * ((i * 0.61) % 1)) for i in range(64)]
     steps = {
-        "threshold move": [lambda k=k: d.slider("Confidence threshold", k)
-                           for k in ("ArrowLeft", "ArrowRight")],
-        "layer switch": [lambda o=o: d.choose(layer, o) for o in ("layer 5", "layer 6 (last)")],
-        "head switch": [lambda o=o: d.choose(head, o) for o in ("head 2", "mean of heads")],
-        "click on the photo": [lambda f=f: d.click_photo(*f) for f in
-                               ((0.3, 0.4), (0.7, 0.6), (0.5, 0.2), (0.2, 0.8))],
+        "threshold move": [lambda: d.slider("Confidence threshold", "ArrowLeft")],
+        "layer switch": [lambda o=o: d.choose(layer, o) for o in layers],
+        "head switch": [lambda o=o: d.choose(head, o) for o in heads],
+        "click on the photo": [lambda f=f: d.click_photo(*f) for f in points],
         "page of detections": [lambda n=n: d.page_button(n) for n in (2, 1)],
-        "whole page rerun": [lambda k=k: d.slider("Opacity", k) for k in ("ArrowLeft",
-                                                                          "ArrowRight")],
+        "whole page rerun": [lambda: d.slider("Opacity", "ArrowLeft")],
     }
     if d.new:
         d.act(lambda: d.radio("rollout"))  # compute once, then switching is cached

@@ -230,12 +230,13 @@ def _overlay(attention: np.ndarray, grid: FeatureGrid, opacity: float, colorscal
                             f"{grid.shape[0]}x{grid.shape[1]}.")
     (sx, sy), s = grid.scale, grid.stride
     dx, dy = s / sx, s / sy
-    h, w = z.shape
-    text = [[f"row {r}, col {c}" for c in range(w)] for r in range(h)]
+    # plotly.js gives a heatmap point's [row, col] as pointNumber: no (h, w) grid of hover
+    # strings to send (300 KB for five DC5 panels)
     return _on({"type": "heatmap", "z": z, "x0": dx / 2, "dx": dx, "y0": dy / 2, "dy": dy,
                 "zsmooth": "best" if smooth else False, "opacity": opacity,
-                "colorscale": colorscale, "showscale": False, "text": text,
-                "hovertemplate": "%{text}: %{z:.4g}<extra></extra>", "name": "attention"}, k)
+                "colorscale": colorscale, "showscale": False,
+                "hovertemplate": "row %{pointNumber[0]}, col %{pointNumber[1]}: %{z:.4g}"
+                                 "<extra></extra>", "name": "attention"}, k)
 
 
 def _cell_heatmap(z: np.ndarray, colorscale: str, show_scale: bool, k: int = 1) -> dict:

@@ -152,6 +152,20 @@ def test_upload_wait_for_heatmaps_click_and_see_the_encoder_map(page, analysis):
     titles = page.locator(".js-plotly-plot .gtitle, .js-plotly-plot .annotation-text")
     assert titles.filter(has_text="query ").count() == min(kept, 4)
 
+    page.evaluate("""() => {
+      const grid = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
+          (p.layout.annotations || []).some(a => (a.text || '').startsWith('query ')));
+      const overlay = grid.data.findIndex(t => t.type === 'heatmap' && t.dx !== 1);
+      const t = grid.data[overlay];
+      const boxes = grid.data.map((d, i) => d.name === 'box' ? i : -1).filter(i => i >= 0);
+      Plotly.restyle(grid, {hoverinfo: 'skip', hoveron: 'points'}, boxes);  // boxes on top
+      Plotly.Fx.hover(grid, {xval: t.x0 + 3 * t.dx, yval: t.y0 + 2 * t.dy}, t.xaxis + t.yaxis);
+    }""")
+    time.sleep(0.5)
+    hover = page.evaluate("() => [...document.querySelectorAll('.hovertext')]"
+                          ".map(e => e.textContent)")
+    assert any(text.startswith("row 2, col 3: ") for text in hover), hover  # the overlay's cell
+
     frame = page.frame_locator("iframe[title*='streamlit_image_coordinates']")
     img = frame.locator("#image")
     img.wait_for(timeout=60_000)

@@ -87,8 +87,14 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             jpeg_quality=85, cursor="crosshair")
         st.button("Clear points", disabled=not points, on_click=points.clear, key="clear-points")
 
+    def one(point):  # a new click computes only its own map
+        key = ("encoder map", photo.digest, *run.key, method, layer, head, direction, target,
+               point)
+        return memo(key, lambda: encoder_maps(photo, run, method, [point], layer, head,
+                                              direction, target)[0])
+
     def build():
-        maps = encoder_maps(photo, run, method, points, layer, head, direction, target)
+        maps = [one(p) for p in points]
         heatmap = None
         if points:
             cell = analysis.grid.cell_at(*last)

@@ -15,7 +15,7 @@ from typing import TypeVar
 import streamlit as st
 
 T = TypeVar("T")
-SIZE = 24  # results kept per session (a DC5 decoder grid spec is ~0.5 MB)
+SIZE = 48  # results kept per session (a DC5 decoder grid spec is ~0.3 MB)
 
 
 def memo(key: Hashable, build: Callable[[], T]) -> T:

@@ -28,7 +28,8 @@ from detr_viz.weights import (
 )
 
 CLICK_SIDE = 720  # longest side of the JPEG sent to the click component, pixels
-PANEL_SIDE = 512  # longest side of the JPEG in small panels (grids, comparisons)
+PANEL_SIDE, PANEL_QUALITY = 400, 80  # the JPEG in small panels (grids, comparisons): ~240-450
+# px wide on the page; 352 -> 248 KiB for a page of 4 decoder maps (benchmarks/page.py bytes)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def get_photo(digest: str, _data: bytes) -> Photo:
     scale = min(1.0, CLICK_SIDE / max(image.size))  # never enlarged, never a full-size copy
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     click = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return Photo(digest, image, display_image(image), display_image(image, PANEL_SIDE), click)
+    panel = display_image(image, PANEL_SIDE, PANEL_QUALITY)
+    return Photo(digest, image, display_image(image), panel, click)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
