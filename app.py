@@ -86,7 +86,7 @@ def main() -> None:
     st.subheader("Decoder: what each detected object looks at")
     decoder_section(run, photo, threshold, method, style)
     st.subheader("Encoder: attention around a point")
-    encoder_section(run, photo, threshold, method, style, points)
+    encoder_section(run, photo, threshold, method, style, points, linked=other is not None)
     if other is not None:
         st.subheader(f"Side by side: {run.variant} and {other.variant}")
         compare_section(run, other, photo, threshold, method, style, points)

@@ -236,7 +236,7 @@ def test_a_click_on_the_overview_makes_that_layer_and_head_the_shown_one(page, a
     page.screenshot(path=str(SHOTS / "browser-overview.png"), full_page=True)
 
 
-def test_side_by_side_with_dc5_once(page):
+def test_side_by_side_with_dc5_once(page, analysis):
     page.get_by_role("combobox", name="Compare side by side with").click()
     page.get_by_role("option", name="R50-DC5").click()
     page.get_by_text("objects found by both").wait_for(timeout=300_000)
@@ -246,6 +246,18 @@ def test_side_by_side_with_dc5_once(page):
             "() => [...document.querySelectorAll('.js-plotly-plot')].some(p => p.data.some("
             "t => (t.name || '').endsWith(' 16 px')))"):
         time.sleep(0.5)
+    frame = page.frame_locator("iframe[title*='streamlit_image_coordinates']")
+    img = frame.locator("#image")
+    box = img.bounding_box()
+    x, y = int(box["width"] * 0.3), int(box["height"] * 0.7)
+    img.click(position={"x": x, "y": y})  # the comparison follows the click
+    point = display_to_original(x, y, (box["width"], box["height"]), (800, 600))
+    _, _, analysis = analysis
+    row, col = analysis.grid.cell_at(*point)
+    page.wait_for_function(f"() => [...document.querySelectorAll('.js-plotly-plot')].some(p => "
+                           f"p.data.some(t => (t.name || '') === 'R50 cell ({row}, {col}), "
+                           f"32 px'))", timeout=120_000)
+    settled(page)
     time.sleep(1)
     page.screenshot(path=str(SHOTS / "browser-compare.png"), full_page=True)
     assert page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].some(p => "

@@ -44,16 +44,18 @@ def marked(photo: Photo, analysis: Analysis, point: tuple[float, float] | None) 
     return image
 
 
-def take_click(photo: Photo, analysis: Analysis, points: list[tuple[float, float]]) -> None:
-    """Add the click component's latest click (read from its state) to ``points``, once."""
+def take_click(photo: Photo, analysis: Analysis, points: list[tuple[float, float]]) -> bool:
+    """Add the click component's latest click (read from its state) to ``points``, once;
+    whether there was a new one."""
     click = st.session_state.get(f"click-{photo.digest}")
     seen = f"seen-{photo.digest}"
     if not click or click.get("unix_time") == st.session_state.get(seen):
-        return
+        return False
     st.session_state[seen] = click.get("unix_time")
     point = display_to_original(click["x"], click["y"], (click["width"], click["height"]),
                                 analysis.original_size)
     points[:] = (points + [point])[-MAX_POINTS:]
+    return True
 
 
 def target_of(run: Run, threshold: float) -> int | None:
@@ -66,9 +68,12 @@ def target_of(run: Run, threshold: float) -> int | None:
 
 @st.fragment
 def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style: dict,
-                    points: list[tuple[float, float]]) -> None:
+                    points: list[tuple[float, float]], linked: bool = False) -> None:
+    """``linked``: another section (the comparison) shows the points too; a new click then
+    reruns the page rather than this fragment alone."""
     analysis = run.analysis
-    take_click(photo, analysis, points)  # before drawing, so the image shows the new point
+    if take_click(photo, analysis, points) and linked:  # before drawing: the image shows it
+        st.rerun()
     layers.apply_pick("enc")
     cols = st.columns([1, 1, 2])
     layer, head = layers.layer_and_head("enc", cols)
