@@ -179,9 +179,6 @@ def rollout(analysis: Analysis) -> Rollout:
 
 # --- relevance -----------------------------------------------------------------------------
 
-PARTS = ("encoder", "decoder_self", "decoder")
-
-
 def _gradients(model: DETR, analysis: Analysis, queries: list[int], classes: list[int]):
     """The gradient of each target's logit ``logits[query, class]`` at every attention output.
 
