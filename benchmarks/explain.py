@@ -71,8 +71,9 @@ def relevance_table(variant: str, repeats: int) -> tuple[list[list[str]], dict]:
         with torch.inference_mode():
             return model(x)
 
+    counts = sorted({1, min(4, len(kept)), len(kept)})  # one query, a page, all kept
     cases = {"plain forward": plain}
-    for n in sorted({1, min(4, len(kept)), len(kept)}):
+    for n in counts:
         cases[f"relevance, {n} queries"] = lambda n=n: explain.relevance(model, analysis,
                                                                          kept[:n])
     times = interleaved(cases, repeats=repeats, warmup=1)
@@ -81,7 +82,6 @@ def relevance_table(variant: str, repeats: int) -> tuple[list[list[str]], dict]:
     for name, t in times.items():
         ratio = "1" if t is base else paired_ratio(t, base).ratio()
         rows.append([LABEL[variant], name, t.seconds(), ratio])
-    counts = sorted({1, min(4, len(kept)), len(kept)})
     per_query = ((times[f"relevance, {counts[-1]} queries"].median
                   - times["relevance, 1 queries"].median) / max(counts[-1] - 1, 1))
     first = times["relevance, 1 queries"].median

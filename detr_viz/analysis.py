@@ -11,6 +11,7 @@ again for another threshold, layer, head or reference point.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,13 @@ from detr_viz.model import DETR
 Direction = Literal["incoming", "outgoing"]
 INCOMING: Direction = "incoming"  # what looks at the point: the column (the notebook's reading)
 OUTGOING: Direction = "outgoing"  # where the point looks: the row, sums to 1
+
+
+def check_direction(direction: Direction) -> Direction:
+    """``direction`` if it is :data:`INCOMING` or :data:`OUTGOING`; else an ArgumentError."""
+    if direction not in (INCOMING, OUTGOING):
+        raise ArgumentError(f"direction must be {INCOMING!r} or {OUTGOING!r}, not {direction!r}.")
+    return direction
 
 
 @dataclass(frozen=True)
@@ -137,9 +145,7 @@ class Analysis:
         self, queries: list[int], layer: int = -1, head: int | None = None
     ) -> np.ndarray:
         """Cross-attention maps of several queries at once: (len(queries), h, w) float32."""
-        for q in queries:
-            if not 0 <= q < self.num_queries:
-                raise ArgumentError(f"query {q} is out of range (0..{self.num_queries - 1}).")
+        queries = self.checked_queries(queries)
         maps = self._layer(self.decoder, layer).rows(queries, head)
         return maps.reshape(len(queries), *self.feature_hw)
 
@@ -156,13 +162,20 @@ class Analysis:
         the classic notebook's reading) gives how much every cell attends to the point's cell;
         ``"outgoing"`` gives where the point's cell attends (that map sums to 1).
         """
+        check_direction(direction)
         cell = self.grid.cell_index(*self.grid.cell_at(*point))
         factors = self._layer(self.encoder, layer)
         if direction == INCOMING:
             return factors.column(cell, head).reshape(self.feature_hw)
-        if direction == OUTGOING:
-            return factors.row(cell, head).reshape(self.feature_hw)
-        raise ArgumentError(f"direction must be {INCOMING!r} or {OUTGOING!r}, not {direction!r}.")
+        return factors.row(cell, head).reshape(self.feature_hw)
+
+    def checked_queries(self, queries: Sequence[int]) -> list[int]:
+        """``queries`` as ints, each an object query of this analysis; else an ArgumentError."""
+        out = [int(q) for q in queries]
+        for q in out:
+            if not 0 <= q < self.num_queries:
+                raise ArgumentError(f"query {q} is out of range (0..{self.num_queries - 1}).")
+        return out
 
     def _layer(self, layers: tuple[AttentionFactors, ...], layer: int) -> AttentionFactors:
         if not -len(layers) <= layer < len(layers):

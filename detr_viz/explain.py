@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detr_viz.analysis import INCOMING, OUTGOING, Analysis, Direction
+from detr_viz.analysis import INCOMING, OUTGOING, Analysis, Direction, check_direction
 from detr_viz.attention import Fused
 from detr_viz.capture import AttentionFactors, capture
 from detr_viz.errors import ArgumentError
@@ -116,19 +116,6 @@ def _cell(analysis: Analysis, point: tuple[float, float]) -> int:
     return analysis.grid.cell_index(*analysis.grid.cell_at(*point))
 
 
-def _direction(direction: Direction) -> None:
-    if direction not in (INCOMING, OUTGOING):
-        raise ArgumentError(f"direction must be {INCOMING!r} or {OUTGOING!r}, not {direction!r}.")
-
-
-def _queries(analysis: Analysis, queries: Sequence[int]) -> list[int]:
-    out = [int(q) for q in queries]
-    for q in out:
-        if not 0 <= q < analysis.num_queries:
-            raise ArgumentError(f"query {q} is out of range (0..{analysis.num_queries - 1}).")
-    return out
-
-
 # --- rollout -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -145,13 +132,13 @@ class Rollout:
 
     def decoder_maps(self, queries: Sequence[int]) -> np.ndarray:
         """(n, h, w) rollout maps of the given object queries."""
-        return self.queries[_queries(self.analysis, queries)]
+        return self.queries[self.analysis.checked_queries(queries)]
 
     def encoder_map(self, point: tuple[float, float],
                     direction: Direction = INCOMING) -> np.ndarray:
         """(h, w) rollout at the cell under ``point`` (original pixels): its column (incoming,
         what draws on the point) or its row (outgoing, what the point draws on; sums to 1)."""
-        _direction(direction)
+        check_direction(direction)
         cell = _cell(self.analysis, point)
         first, rest = (self.layers[-1], self.layers[:-1]) if direction == OUTGOING else \
             (self.layers[0].T, self.layers[1:])
@@ -263,7 +250,7 @@ def relevance(model: DETR, analysis: Analysis, queries: Sequence[int],
 
     The encoder maps of :func:`_chunk` targets at a time are kept (DC5 float32: 270 MB each).
     """
-    queries = _queries(analysis, queries)
+    queries = analysis.checked_queries(queries)
     classes = _classes(analysis, queries, classes)
     h, w = analysis.feature_hw
     if not queries:
@@ -292,7 +279,7 @@ class EncoderRelevance:
         """(h, w): relevance, for this detection, that flows into the cell under ``point`` from
         every cell (outgoing: its row of ``R_ii - I``) or from it to every cell (incoming: its
         column). The identity (the cell's own residual path) is left out."""
-        _direction(direction)
+        check_direction(direction)
         e = torch.zeros(1, self.layers[0].shape[-1], dtype=self.layers[0].dtype)
         e[0, _cell(self.analysis, point)] = 1
         chain = _chain_rows if direction == OUTGOING else _chain_columns
@@ -302,7 +289,7 @@ class EncoderRelevance:
 def encoder_relevance(model: DETR, analysis: Analysis, query: int,
                       label: int | None = None) -> EncoderRelevance:
     """:class:`EncoderRelevance` of ``query`` for class ``label`` (default: its prediction)."""
-    queries = _queries(analysis, [query])
+    queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
     grads, fused = _gradients(model, analysis, queries, labels)
     layers = tuple(layer[0] for layer in _encoder_layers(grads, fused, analysis.num_layers))

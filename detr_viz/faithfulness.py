@@ -193,8 +193,7 @@ def score_maps(model: DETR, analysis: Analysis, query: int, maps: Mapping[str, n
     """:class:`Score` of each (h, w) map of detection ``query`` (class ``label``, default its
     prediction): ``2 * (steps - 1)`` transformer runs per map, plus the two ends if no
     ``baseline`` (whose ends are the same runs)."""
-    if not 0 <= query < analysis.num_queries:
-        raise ArgumentError(f"query {query} is out of range (0..{analysis.num_queries - 1}).")
+    (query,) = analysis.checked_queries([query])
     label = int(analysis.probabilities[query].argmax()) if label is None else int(label)
     fractions, tokens = _fractions(steps), _Tokens(analysis, steps)
     if baseline is not None and len(baseline.fractions) != len(fractions):

@@ -16,7 +16,7 @@ PER_PAGE = 4
 
 
 def _title(det: Detection, method: str) -> str:
-    title = f"query {det.query}: {det.name} {det.score:.2f}"
+    title = scores.describe(det)
     return title + f" (relevance for {det.name})" if method == RELEVANCE else title
 
 

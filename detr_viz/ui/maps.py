@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from detr_viz.analysis import Direction
-from detr_viz.explain import METHODS, RAW, RELEVANCE, ROLLOUT
+from detr_viz.explain import RAW, RELEVANCE, ROLLOUT
 from detr_viz.ui import resources
 from detr_viz.ui.resources import Photo, Run
 
-__all__ = ["HELP", "METHODS", "RAW", "RELEVANCE", "ROLLOUT", "decoder_maps", "encoder_maps"]
 HELP = {
     RAW: "The attention weights of one layer and head (or the mean of the heads).",
     ROLLOUT: "Attention rollout (Abnar & Zuidema 2020): every layer's head-averaged attention, "
