@@ -96,8 +96,9 @@ def test_encoder_comparison_outlines_both_cells_in_both_panels(display, point):
     assert len(outlines) == 4
     for panel, axis in enumerate(("x", "x2")):
         mine = [t for t in outlines if t.xaxis == axis]
-        assert [rect(t) for t in mine] == pytest.approx(
-            [GRID32.cell_bounds(*cell_a), GRID16.cell_bounds(*cell_b)])
+        np.testing.assert_allclose([rect(t) for t in mine],  # rows: (x0, y0, x1, y1)
+                                   [GRID32.cell_bounds(*cell_a), GRID16.cell_bounds(*cell_b)],
+                                   rtol=1e-9)
         assert [t.line.color for t in mine] == list(CELL_COLORS)
         assert [t.showlegend for t in mine] == [panel == 0] * 2  # one legend entry per model
     assert outlines[0].name == f"R50 cell {cell_a}, 32 px"

@@ -204,7 +204,7 @@ def test_head_overlay_draws_each_heads_top_cells_at_their_bounds(display, grid):
     assert all(t.showlegend for t in outlines) and fig.layout.showlegend is True
     for head, trace in enumerate(outlines):
         expected = [grid.cell_bounds(r, c) for r, c in planted[head]]
-        assert cell_rects(trace) == pytest.approx(expected)
+        np.testing.assert_allclose(cell_rects(trace), expected, rtol=1e-9)  # rows: x0 y0 x1 y1
         centres = [t for t in fig.data if t.type == "scatter" and t is not trace
                    and t.legendgroup == trace.legendgroup]
         assert len(centres) == 1 and len(centres[0].x) == 3
