@@ -5,18 +5,28 @@ Building a ``go.Figure`` from a spec and turning it back costs ~40 ms for a page
 more than everything else in a rerun, so the page hands over the builders' plain specs
 (``detr_viz.figures.<builder>.spec``) in :class:`PlainFigure`, whose ``to_dict`` is the spec.
 Arrays go as plotly.js typed arrays (base64), as ``to_dict`` would make them.
+
+This leans on two details that are not public API: Streamlit reads a figure only through
+``plotly.tools.return_figure_from_figure_or_data`` (which calls ``to_dict`` on a ``BaseFigure``),
+and Plotly 6+ encodes arrays as ``bdata``. ``tests/test_ui_charts.py`` pins both against the
+public path (``st.plotly_chart(go.Figure(spec))``) on every release; should a release break the
+shortcut with an error, :func:`show` takes the public path instead.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import logging
 
 import numpy as np
 import plotly.io as pio
 import streamlit as st
 from plotly.basedatatypes import BaseFigure
 
+from detr_viz import figures
+
+_LOG = logging.getLogger(__name__)
 _DTYPES = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 
 
@@ -58,4 +68,10 @@ def _typed(trace: dict) -> dict:
 
 def show(spec: dict, key: str, **kwargs):
     """``st.plotly_chart`` of a builder's spec (``kwargs``: on_select, selection_mode, ...)."""
-    return st.plotly_chart(PlainFigure(spec), key=key, **kwargs)
+    try:
+        return st.plotly_chart(PlainFigure(spec), key=key, **kwargs)
+    except (AttributeError, TypeError) as error:
+        # A release that reads more of a figure than ``to_dict`` fails here, before the chart
+        # is registered; the public path is slower but always right.
+        _LOG.warning("PlainFigure shortcut failed (%s); using go.Figure", error)
+        return st.plotly_chart(figures.figure(spec), key=key, **kwargs)
