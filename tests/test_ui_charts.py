@@ -124,6 +124,7 @@ def test_every_option_in_the_streamlit_config_is_one_streamlit_knows():
     """``.streamlit/config.toml`` sets options such as ``runner.postScriptGC``; Streamlit only
     warns about an option it no longer has, so a rename would silently undo the setting."""
     import tomllib
+
     from streamlit import config
 
     settings = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml")
