@@ -3,11 +3,14 @@ least recently used out, one build per key under threads, sessions kept apart.""
 
 from __future__ import annotations
 
+import functools
+import gc
 import random
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from detr_viz import analyze, explain
 from detr_viz.cache import BUDGET_ENV, DEFAULT_BUDGET, ByteCache, budget_from_env, nbytes
 from detr_viz.errors import ArgumentError
 
-from conftest import small_analysis
+from conftest import photo, recipe_model, small_analysis
 
 MB = 1 << 20
 
@@ -178,3 +182,22 @@ def test_sessions_on_threads_see_only_their_own_entries_and_the_budget_holds():
     sizes = cache.sizes()
     assert cache.total == sum(size for _, size in sizes) <= budget
     assert len({k for k, _ in sizes}) == len(sizes) > 1
+
+
+def test_an_evicted_analysis_and_its_rollout_are_freed_at_once_without_the_collector():
+    """Why `runner.postScriptGC = false` can stay: the records hold no reference cycles, so
+    reference counting frees an evicted entry's memory the moment the cache drops it."""
+    cache = ByteCache(1, measure=nbytes)
+    model = recipe_model("detr_resnet50")
+    gc.collect()
+    gc.disable()
+    try:
+        built = cache.get("analysis", lambda: analyze(model, photo(160, 96), short_side=96,
+                                                      max_size=160))
+        rolled = cache.get("rollout", functools.partial(explain.rollout, built))
+        refs = [weakref.ref(built), weakref.ref(rolled)]
+        del built, rolled
+        cache.get("next", lambda: sized(1))  # evicts both
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
