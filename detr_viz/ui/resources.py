@@ -120,8 +120,6 @@ def get_run(photo: Photo, variant: str) -> Run:
     return Run(variant, checkpoint, get_model(variant, checkpoint), analysis)
 
 
-
-
 class Store:
     """Per-analysis results computed on demand, keyed by whatever identifies them."""
 
