@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.common import (
@@ -61,7 +62,7 @@ SETTLED = ("() => !document.querySelector('[data-stale=\"true\"]') && "
 class Server:
     """One checkout of the app served on a free loopback port, its runs logged."""
 
-    def __init__(self, folder: Path, weights: Path, log: Path):
+    def __init__(self, folder: Path, weights: Path, log: Path, extra: Sequence[str] = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -71,7 +72,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "benchmarks" / "timed_server.py"), "app.py",
              "--server.headless", "true", "--server.address", "127.0.0.1",
-             "--server.port", str(self.port), "--browser.gatherUsageStats", "false"],
+             "--server.port", str(self.port), "--browser.gatherUsageStats", "false", *extra],
             cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -5,8 +5,10 @@
 Each script run, whole page or fragment, appends one JSON line: its server time (from the
 start of the script to its end, widgets, library calls, figure building and serialisation
 included), the bytes of the protobuf messages it queued for the browser (before the
-websocket's compression) and whether it was a fragment run. Run as a file, not a module, so
-that it also serves an older checkout of the app (page.py's baseline).
+websocket's compression) and whether it was a fragment run, and the bytes the page's cache
+holds after it (``cache_bytes``, for load.py; absent for a checkout without the byte cache).
+Run as a file, not a module, so that it also serves an older checkout of the app (page.py's
+baseline).
 """
 
 from __future__ import annotations
@@ -46,8 +48,19 @@ def _timed_run(self, rerun_data):
             profiler.dump_stats(os.path.join(PROFILE, f"run-{wall:.3f}.prof"))
         record = {"wall": wall, "seconds": time.perf_counter() - start,
                   "bytes": self._detr_viz_bytes, "fragment": bool(rerun_data.fragment_id_queue)}
+        record.update(_cache_bytes())
         with _lock, open(LOG, "a") as log:
             log.write(json.dumps(record) + "\n")
+
+
+def _cache_bytes() -> dict:
+    try:
+        from detr_viz.ui.resources import cache
+
+        held = cache()
+    except Exception:  # an older checkout (no byte cache), or a budget that is not a size
+        return {}
+    return {"cache_bytes": held.total, "cache_budget": held.budget, "evictions": held.evictions}
 
 
 def _counted_enqueue(self, msg):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass
 
 from PIL import Image
@@ -84,3 +85,31 @@ def display_to_original(
     ox = min(max((x + 0.5) * width / w, 0.0), float(width))
     oy = min(max((y + 0.5) * height / h, 0.0), float(height))
     return ox, oy
+
+
+def pixel_box(
+    box: tuple[float, float, float, float], size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The inclusive pixel rectangle (x0, y0, x1, y1) covering ``box`` on an image of ``size``.
+
+    ``box`` (x0, y0, x1, y1) is continuous, in that image's pixels (pixel i spans [i, i + 1));
+    ``size`` is its (w, h). The result is what ``ImageDraw.rectangle`` and ``ellipse`` take, for
+    any box: clipped to the image, at least one pixel, x0 <= x1 and y0 <= y1 (a sliver thinner
+    than a pixel, a box past the edge or turned inside out becomes the nearest pixel). Raises
+    ``ArgumentError`` for an empty image or a box that is not finite.
+    """
+    (w, h), (x0, y0, x1, y1) = size, box
+    if min(w, h) <= 0:
+        raise ArgumentError(f"cannot draw on an image of {w}x{h} pixels.")
+    if not all(math.isfinite(v) for v in box):
+        raise ArgumentError(f"box {box} is not finite.")
+    left, right = _pixel_span(x0, x1, w)
+    top, bottom = _pixel_span(y0, y1, h)
+    return left, top, right, bottom
+
+
+def _pixel_span(a: float, b: float, n: int) -> tuple[int, int]:
+    """First and last pixel of [a, b) on a line of n pixels, clamped, first <= last."""
+    first = min(max(math.floor(min(a, b)), 0), n - 1)
+    last = min(max(math.ceil(max(a, b)) - 1, 0), n - 1)
+    return first, max(first, last)

@@ -8,7 +8,7 @@ from streamlit_image_coordinates import streamlit_image_coordinates
 
 from detr_viz import figures, overview
 from detr_viz.analysis import INCOMING, OUTGOING, Analysis
-from detr_viz.display import display_to_original
+from detr_viz.display import display_to_original, pixel_box
 from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers
 from detr_viz.ui.maps import encoder_maps
@@ -37,10 +37,11 @@ def marked(photo: Photo, analysis: Analysis, point: tuple[float, float] | None) 
     if point is not None:
         sx, sy = image.width / photo.image.width, image.height / photo.image.height
         x0, y0, x1, y1 = analysis.grid.cell_bounds(*analysis.grid.cell_at(*point))
-        draw = ImageDraw.Draw(image)
-        draw.rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline="red", width=2)
-        draw.ellipse([point[0] * sx - 3, point[1] * sy - 3, point[0] * sx + 3, point[1] * sy + 3],
-                     fill="red")
+        px, py = point[0] * sx, point[1] * sy
+        draw = ImageDraw.Draw(image)  # boxes clamped: a cell can be thinner than a pixel here
+        draw.rectangle(pixel_box((x0 * sx, y0 * sy, x1 * sx, y1 * sy), image.size),
+                       outline="red", width=2)
+        draw.ellipse(pixel_box((px - 3, py - 3, px + 3, py + 3), image.size), fill="red")
     return image
 
 

@@ -4,12 +4,16 @@ Cached at the boundary (STYLE.md): a model once per (variant, checkpoint), an an
 (photo, variant), rollout and the random baseline once per analysis, relevance once per
 (analysis, query) and faithfulness scores once per (map, query). Every slider move, page, click
 and method switch afterwards is a cheap function of these.
+
+Models are kept (two at most); everything else shares one :class:`~detr_viz.cache.ByteCache`
+across sessions, bounded by ``$DETR_VIZ_CACHE_BYTES`` (default 2 GiB): least recently used out.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import streamlit as st
 from PIL import Image
 
 from detr_viz import DETR, Analysis, analyze, explain, faithfulness, load_image
+from detr_viz.cache import ByteCache, budget_from_env
 from detr_viz.display import DisplayImage, display_image
 from detr_viz.model import VARIANTS
 from detr_viz.weights import (
@@ -67,9 +72,18 @@ def get_provenance(variant: str, checkpoint: str) -> str:
     return checkpoint_provenance(checkpoint, variant)
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def get_photo(digest: str, _data: bytes) -> Photo:
-    image = load_image(_data)
+@st.cache_resource(show_spinner=False)
+def cache() -> ByteCache:
+    """The page's one byte-bounded cache, shared by every session (keys say whose it is)."""
+    return ByteCache(budget_from_env())
+
+
+def get_photo(digest: str, data: bytes) -> Photo:
+    return cache().get(("photo", digest), lambda: _photo(digest, data))
+
+
+def _photo(digest: str, data: bytes) -> Photo:
+    image = load_image(data)
     scale = min(1.0, CLICK_SIDE / max(image.size))  # never enlarged, never a full-size copy
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     click = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -77,9 +91,9 @@ def get_photo(digest: str, _data: bytes) -> Photo:
     return Photo(digest, image, display_image(image), panel, click)
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def get_analysis(digest: str, variant: str, checkpoint: str, _photo: Photo) -> Analysis:
-    return analyze(get_model(variant, checkpoint), _photo.image)
+def get_analysis(digest: str, variant: str, checkpoint: str, photo: Photo) -> Analysis:
+    return cache().get(("analysis", digest, variant, checkpoint),
+                       lambda: analyze(get_model(variant, checkpoint), photo.image))
 
 
 def ensure_checkpoint(variant: str) -> str:
@@ -106,11 +120,6 @@ def get_run(photo: Photo, variant: str) -> Run:
     return Run(variant, checkpoint, get_model(variant, checkpoint), analysis)
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)  # DC5: 6 x 45 MB of encoder matrices
-def get_rollout(digest: str, variant: str, checkpoint: str, _analysis: Analysis):
-    return explain.rollout(_analysis)
-
-
 class Store:
     """Per-analysis results computed on demand, keyed by whatever identifies them."""
 
@@ -122,20 +131,33 @@ class Store:
         return [k for k in keys if k not in self.items]
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def get_store(digest: str, variant: str, checkpoint: str, what: str) -> Store:
-    return Store()
+def _store_key(photo: Photo, run: Run, what: str) -> Hashable:
+    return ("store", photo.digest, *run.key, what)
+
+
+def get_store(photo: Photo, run: Run, what: str) -> Store:
+    return cache().get(_store_key(photo, run, what), Store)
+
+
+@contextmanager
+def editing(photo: Photo, run: Run, what: str) -> Iterator[Store]:
+    """The store, locked; measured again afterwards (what was added counts against the budget)."""
+    key = _store_key(photo, run, what)
+    store = cache().get(key, Store)
+    with store.lock:
+        yield store
+        cache().remeasure(key)
 
 
 def rollout(photo: Photo, run: Run):
     with st.spinner("Computing attention rollout (once per photo and backbone)..."):
-        return get_rollout(photo.digest, run.variant, run.checkpoint, run.analysis)
+        return cache().get(("rollout", photo.digest, *run.key),
+                           lambda: explain.rollout(run.analysis))
 
 
 def relevance(photo: Photo, run: Run, queries: Sequence[int]) -> np.ndarray:
     """(n, h, w) relevance maps, computing only queries never explained before (spinner)."""
-    store = get_store(photo.digest, *run.key, "relevance")
-    with store.lock:
+    with editing(photo, run, "relevance") as store:
         todo = store.missing(queries)
         if todo:
             with st.spinner(f"Computing relevance for {len(todo)} detection(s) (once each): "
@@ -148,8 +170,7 @@ def relevance(photo: Photo, run: Run, queries: Sequence[int]) -> np.ndarray:
 
 
 def encoder_relevance(photo: Photo, run: Run, query: int):
-    store = get_store(photo.digest, *run.key, "encoder-relevance")
-    with store.lock:
+    with editing(photo, run, "encoder-relevance") as store:
         if query not in store.items:
             with st.spinner(f"Computing the encoder's relevance for query {query} (once)..."):
                 store.items.clear()  # DC5: 270 MB per query; keep one
@@ -168,8 +189,7 @@ def with_progress(text: str) -> tuple[Callable[[int, int], None], Callable[[], N
 
 
 def baseline(photo: Photo, run: Run) -> faithfulness.RandomBaseline:
-    store = get_store(photo.digest, *run.key, "baseline")
-    with store.lock:
+    with editing(photo, run, "baseline") as store:
         if "random" not in store.items:
             update, done = with_progress("Random-order baseline (once per photo)")
             store.items["random"] = faithfulness.random_baseline(run.model, run.analysis,
@@ -183,8 +203,7 @@ def scores(photo: Photo, run: Run, query: int, maps: dict[str, np.ndarray],
     """Faithfulness of each named map of ``query`` (cached by ``tag`` + name: a method, with
     layer and head for raw attention)."""
     base = baseline(photo, run)
-    store = get_store(photo.digest, *run.key, "scores")
-    with store.lock:
+    with editing(photo, run, "scores") as store:
         todo = {name: m for name, m in maps.items() if (query, tag, name) not in store.items}
         if todo:
             update, done = with_progress(f"Scoring query {query}: deleting and inserting tokens")
@@ -197,4 +216,4 @@ def scores(photo: Photo, run: Run, query: int, maps: dict[str, np.ndarray],
 
 def known_scores(photo: Photo, run: Run, query: int, tag: str, name: str):
     """A score computed before, or None (never computes)."""
-    return get_store(photo.digest, *run.key, "scores").items.get((query, tag, name))
+    return get_store(photo, run, "scores").items.get((query, tag, name))

@@ -28,7 +28,7 @@ def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np
     if clicked:
         for det in shown:
             resources.scores(photo, run, det.query, {"map": maps[det.query]}, method_tag)
-    base = resources.get_store(photo.digest, *run.key, "baseline").items.get("random")
+    base = resources.get_store(photo, run, "baseline").items.get("random")
     for col, det in zip(st.columns(len(shown)), shown, strict=True):
         found = resources.known_scores(photo, run, det.query, method_tag, "map")
         if found is not None and base is not None:

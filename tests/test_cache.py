@@ -1,0 +1,203 @@
+"""The byte-bounded cache: sizes measured (against buffers and the resident memory they take),
+least recently used out, one build per key under threads, sessions kept apart."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import random
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detr_viz import analyze, explain
+from detr_viz.cache import BUDGET_ENV, DEFAULT_BUDGET, ByteCache, budget_from_env, nbytes
+from detr_viz.errors import ArgumentError
+
+from conftest import photo, recipe_model, small_analysis
+
+MB = 1 << 20
+
+
+def sized(n: int) -> np.ndarray:
+    return np.zeros(n, np.uint8)
+
+
+def measured(value) -> int:
+    return value.nbytes  # the buffer only: exact sizes in the cache tests
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", DEFAULT_BUDGET), ("123", 123), ("2G", 2 * 2**30), ("1500M", 1500 * 2**20),
+    ("1.5GiB", 3 * 2**29), (" 64kb ", 64 * 2**10)])
+def test_budget_from_env(text, expected):
+    assert budget_from_env({BUDGET_ENV: text} if text else {}) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "0", "2 GB of RAM", "1e9"])
+def test_budget_from_env_refuses_what_is_not_a_size_and_says_how(text):
+    with pytest.raises(ArgumentError, match=f"{BUDGET_ENV}=.*'2G'"):
+        budget_from_env({BUDGET_ENV: text})
+
+
+def test_nbytes_counts_each_buffer_once_and_a_view_as_its_whole_buffer():
+    big = np.ones((1000, 1000))
+    overhead = nbytes([big[:1], big[5:7], big.T]) - big.nbytes
+    assert 0 < overhead < 2000  # the list and three array headers
+    tensor = torch.ones(1000, 250)
+    shared = [tensor, tensor[10:20], tensor.numpy()]  # one storage behind all three
+    assert tensor.untyped_storage().nbytes() <= nbytes(shared) < 10**6 + 2000
+    record = {"a": big, "b": (big, "x" * 10**5)}
+    assert big.nbytes + 10**5 < nbytes(record) < big.nbytes + 10**5 + 2000
+
+
+def test_nbytes_leaves_models_out():
+    model = torch.nn.Linear(1000, 1000)
+    assert nbytes({"model": model}) < 1000
+
+
+MEASURE = """
+import os, sys
+from PIL import Image
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+mode = sys.argv[1]
+bands = len(Image.new(mode, (1, 1)).getbands())
+fill = 77 if bands == 1 else (77,) * bands
+before = rss()
+image = Image.new(mode, (2000, 2000), fill)  # every pixel written: every page resident
+print(rss() - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16", "F", "P"])
+def test_nbytes_of_an_image_is_the_resident_memory_it_takes(mode):
+    """Measured against /proc in a fresh interpreter (no freed blocks to reuse)."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, mode], capture_output=True, text=True,
+                         check=True)
+    grown, counted = int(out.stdout), nbytes(Image.new(mode, (2000, 2000)))
+    assert abs(counted - grown) < 0.05 * counted + 256 * 1024, (counted, grown)  # + line table
+
+
+def test_nbytes_of_an_analysis_holds_every_tensor_of_it():
+    analysis = small_analysis()
+    tensors = [t for layers in (analysis.encoder, analysis.decoder, analysis.decoder_self)
+               for f in layers for t in vars(f).values() if isinstance(t, torch.Tensor)]
+    tensors += [t for t in vars(analysis.inputs).values() if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    buffers = sum(storages.values()) + analysis.probabilities.nbytes + analysis.boxes.nbytes
+    assert buffers <= nbytes(analysis) < buffers + 64 * 1024
+
+
+def test_least_recently_used_goes_first_and_the_total_is_the_sum_of_sizes():
+    cache = ByteCache(1000, measure=measured)
+    for key in "abc":
+        cache.get(key, lambda: sized(300))
+    cache.get("a", lambda: pytest.fail("a is cached"))  # a is now the most recent
+    cache.get("d", lambda: sized(300))  # 1200 > 1000: b, the least recent, goes
+    assert [k for k, _ in cache.sizes()] == ["c", "a", "d"]
+    assert cache.total == 900 == sum(size for _, size in cache.sizes())
+    cache.get("e", lambda: sized(700))  # c and a go
+    assert [k for k, _ in cache.sizes()] == ["d", "e"] and cache.total == 1000
+    assert cache.evictions == 3
+
+
+def test_an_entry_over_the_whole_budget_is_kept_alone_until_the_next():
+    cache = ByteCache(1000, measure=measured)
+    cache.get("small", lambda: sized(10))
+    assert cache.get("huge", lambda: sized(5000)).nbytes == 5000
+    assert [k for k, _ in cache.sizes()] == ["huge"]
+    cache.get("next", lambda: sized(10))
+    assert [k for k, _ in cache.sizes()] == ["next"] and cache.total == 10
+
+
+def test_remeasure_counts_what_a_store_gained_and_evicts_others():
+    cache = ByteCache(10_000, measure=nbytes)
+    cache.get("old", lambda: sized(4000))
+    store = cache.get("store", dict)
+    before = cache.total
+    store["map"] = sized(5000)
+    cache.remeasure("store")
+    assert cache.total - before >= 5000 and "old" in cache
+    store["more"] = sized(5000)
+    cache.remeasure("store")
+    assert "old" not in cache and cache.total == nbytes(store)
+    cache.remeasure("gone")  # nothing
+
+
+def test_a_failed_build_caches_nothing_and_the_next_caller_builds():
+    cache = ByteCache(1000, measure=measured)
+    with pytest.raises(ZeroDivisionError):
+        cache.get("k", lambda: 1 / 0)
+    assert "k" not in cache and cache.get("k", lambda: sized(5)).nbytes == 5
+
+
+def test_concurrent_callers_of_one_key_build_it_once_and_other_keys_do_not_wait():
+    cache = ByteCache(10**6, measure=measured)
+    builds, release = [], threading.Event()
+
+    def slow():
+        builds.append(1)
+        release.wait(10)
+        return sized(100)
+
+    with ThreadPoolExecutor(8) as pool:
+        waiting = [pool.submit(cache.get, "slow", slow) for _ in range(6)]
+        time.sleep(0.2)
+        assert cache.get("fast", lambda: sized(1)).nbytes == 1  # while "slow" is building
+        release.set()
+        results = [f.result(10) for f in waiting]
+    assert len(builds) == 1 and all(r is results[0] for r in results)
+
+
+def test_sessions_on_threads_see_only_their_own_entries_and_the_budget_holds():
+    """Eight 'sessions' on eight threads, each caching its own values under its own id with
+    random sizes: every value read back is the session's own, and the accounting is exact."""
+    budget = 200_000
+    cache = ByteCache(budget, measure=measured)
+    seen_other = []
+
+    def session(sid: int) -> None:
+        rng = random.Random(sid)
+        for _ in range(400):
+            key = ("memo", sid, rng.randrange(20))
+            value = cache.get(key, lambda k=key: np.full(rng.randrange(1, 20_000), k[1],
+                                                         np.uint16))
+            if value[0] != sid:
+                seen_other.append((sid, key))
+            assert cache.total <= budget + 40_000  # at most one entry over, while it lands
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(session, range(8)))
+    assert seen_other == []
+    sizes = cache.sizes()
+    assert cache.total == sum(size for _, size in sizes) <= budget
+    assert len({k for k, _ in sizes}) == len(sizes) > 1
+
+
+def test_an_evicted_analysis_and_its_rollout_are_freed_at_once_without_the_collector():
+    """Why `runner.postScriptGC = false` can stay: the records hold no reference cycles, so
+    reference counting frees an evicted entry's memory the moment the cache drops it."""
+    cache = ByteCache(1, measure=nbytes)
+    model = recipe_model("detr_resnet50")
+    gc.collect()
+    gc.disable()
+    try:
+        built = cache.get("analysis", lambda: analyze(model, photo(160, 96), short_side=96,
+                                                      max_size=160))
+        rolled = cache.get("rollout", functools.partial(explain.rollout, built))
+        refs = [weakref.ref(built), weakref.ref(rolled)]
+        del built, rolled
+        cache.get("next", lambda: sized(1))  # evicts both
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
