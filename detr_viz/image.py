@@ -142,7 +142,8 @@ def _check_size(size: tuple[int, int], max_pixels: int | None) -> None:
         raise ImageError(
             f"The image is {width} × {height} = {width * height:,} pixels, more than the limit "
             f"of {max_pixels:,}; it is refused before decoding to protect memory. Downscale it "
-            "(a 48-megapixel phone photo is fine), or raise max_pixels= if you trust the file."
+            "(a 48-megapixel phone photo is fine); in the library, load_image(..., max_pixels=) "
+            "takes a larger limit for a file you trust."
         )
 
 
