@@ -33,7 +33,7 @@ Arrays are in the factors' dtype (float32 for a float32 model; float64 for the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +45,7 @@ from detr_viz.attention import Fused
 from detr_viz.capture import AttentionFactors, capture
 from detr_viz.errors import ArgumentError
 from detr_viz.model import DETR
-from detr_viz.replay import replay, trainable_copy
+from detr_viz.replay import replay_outputs, trainable_copy
 
 RAW, ROLLOUT, RELEVANCE = "raw attention", "rollout", "relevance"  # the methods, as named
 METHODS = (RAW, ROLLOUT, RELEVANCE)
@@ -187,28 +187,45 @@ def rollout(analysis: Analysis) -> Rollout:
 
 # --- relevance -----------------------------------------------------------------------------
 
-def _gradients(model: DETR, analysis: Analysis, queries: list[int], classes: list[int]):
-    """The gradient of each target's logit ``logits[query, class]`` at every attention output.
+Target = Callable[[Tensor, Tensor], Tensor]  # (logits (100, 92), boxes (100, 4)) -> (n,)
 
+
+def _gradients(model: DETR, analysis: Analysis, target: Target, batched: bool = False):
+    """The gradient of each scalar of ``target`` at every attention output.
+
+    ``target`` maps the replayed image's ``pred_logits`` (100, 92) and ``pred_boxes`` (100, 4,
+    normalised cxcywh) to the n explained scalars (n,); e.g. ``logits[queries, classes]``.
     Returns ``(grads, fused)``: per target ``{(part, layer): delta (1, H, L, d)}``, and the
     live attention tensors of the one forward pass (detached), keyed the same way. One forward
-    with a graph (from the captured transformer inputs: no backbone), one backward per target.
-    A single backward with ``is_grads_batched=True`` (vmap) was measured 3-5 % slower than this
-    loop for R50 and DC5 (``benchmarks/explain.py``): the per-target work is the same.
+    with a graph (from the captured transformer inputs: no backbone), then one backward per
+    target, or with ``batched`` one vmapped backward for all (``is_grads_batched``). For
+    queries the loop was measured 3-5 % faster than vmap (``benchmarks/explain.py``); for the
+    four box edges of one query, see ``benchmarks/debugging.py``.
     """
     with torch.inference_mode(False), torch.enable_grad():
         inputs = trainable_copy(analysis.inputs)
         queries_embed = model.query_embed.weight.detach().clone().requires_grad_()
         with capture(model, features=False, live=True) as cap:
-            logits = replay(model, inputs, inputs.src, queries_embed)
+            logits, boxes = replay_outputs(model, inputs, inputs.src, queries_embed)
         keys = sorted(cap.live)
         heads = [cap.live[key].heads for key in keys]
-        targets = logits[0, queries, classes]
-        grads = [dict(zip(keys, torch.autograd.grad(target, heads, retain_graph=True),
-                          strict=True)) for target in targets]
+        targets = target(logits[0], boxes[0])
+        if batched:
+            eye = torch.eye(len(targets), dtype=targets.dtype)
+            every = torch.autograd.grad(targets, heads, eye, is_grads_batched=True)
+            grads = [dict(zip(keys, (g[i] for g in every), strict=True))
+                     for i in range(len(targets))]
+        else:
+            grads = [dict(zip(keys, torch.autograd.grad(one, heads, retain_graph=True),
+                              strict=True)) for one in targets]
         fused = {key: Fused(*(t.detach() if t is not None else None for t in cap.live[key]))
                  for key in keys}
     return grads, fused
+
+
+def class_target(queries: Sequence[int], classes: Sequence[int]) -> Target:
+    """The logits ``logits[query, class]`` of each pair: what :func:`relevance` explains."""
+    return lambda logits, boxes: logits[list(queries), list(classes)]
 
 
 def _classes(analysis: Analysis, queries: list[int], classes: Sequence[int] | None) -> list[int]:
@@ -276,10 +293,21 @@ def relevance(model: DETR, analysis: Analysis, queries: Sequence[int],
     """
     queries = analysis.checked_queries(queries)
     classes = _classes(analysis, queries, classes)
+    return target_relevance(model, analysis, queries, class_target(queries, classes))
+
+
+def target_relevance(model: DETR, analysis: Analysis, queries: Sequence[int], target: Target,
+                     batched: bool = False) -> np.ndarray:
+    """Chefer relevance maps (n, h, w) of any n scalars of the outputs: ``target`` (see
+    :func:`_gradients`) gives them, ``queries[i]`` is the object query scalar i belongs to
+    (its row of ``R_qi`` is the map). Relevance of class logits and of box edges alike."""
+    queries = analysis.checked_queries(queries)
     h, w = analysis.feature_hw
     if not queries:
         return analysis.encoder[0].q.new_zeros(0, h, w).numpy()
-    grads, fused = _gradients(model, analysis, queries, classes)
+    grads, fused = _gradients(model, analysis, target, batched)
+    if len(grads) != len(queries):
+        raise ArgumentError(f"the target gave {len(grads)} scalars for {len(queries)} queries.")
     layers, step, maps = analysis.num_layers, _chunk(analysis), []
     for i in range(0, len(queries), step):
         part = grads[i:i + step]
@@ -315,6 +343,6 @@ def encoder_relevance(model: DETR, analysis: Analysis, query: int,
     """:class:`EncoderRelevance` of ``query`` for class ``label`` (default: its prediction)."""
     queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
-    grads, fused = _gradients(model, analysis, queries, labels)
+    grads, fused = _gradients(model, analysis, class_target(queries, labels))
     layers = tuple(layer[0] for layer in _encoder_layers(grads, fused, analysis.num_layers))
     return EncoderRelevance(analysis, queries[0], labels[0], layers)

@@ -69,7 +69,8 @@ def test_gradient_weighted_attention_equals_autograd_on_the_attention_matrices()
     query = int(np.argmax(analysis.scores))
     label = int(analysis.probabilities[query].argmax())
     grads, attn = dense_oracle.attention_gradients(model, analysis.inputs, query, label)
-    (deltas,), fused = explain._gradients(model, analysis, [query], [label])
+    (deltas,), fused = explain._gradients(model, analysis,
+                                         explain.class_target([query], [label]))
     assert set(deltas) == set(grads)
     for key, grad in grads.items():
         got = deltas[key][0] @ fused[key].v[0].transpose(1, 2)  # (H, L, S)
