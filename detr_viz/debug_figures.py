@@ -34,6 +34,7 @@ from detr_viz.geometry import FeatureGrid
 if TYPE_CHECKING:  # types only: importing figures must not pull in torch
     from detr_viz.analysis import Detection
     from detr_viz.display import DisplayImage
+    from detr_viz.sanity import SanityCheck
 
 NO_DETECTIONS = "No detections above the threshold — lower it in the sidebar."
 
@@ -124,3 +125,33 @@ def edge_figure(display: DisplayImage, grid: FeatureGrid, box: tuple[float, floa
                  "showlegend": False, "name": f"{name} edge"}, k)]
         _photo_axes(spec, display.original_size, k)
     return _style(spec, height, None)
+
+
+@_public
+def sanity_figure(checks: Sequence[SanityCheck], height: int = 320) -> Spec:
+    """One small panel per checked method: Spearman and SSIM of each step's map with the
+    original (x: the cascade's steps, top first), titled with the verdict."""
+    if not checks:
+        return _blank("No sanity check run yet.", height)
+    titles = [f"{c.method}: " + ("does NOT depend on the weights" if c.insensitive
+                                 else "changes with the weights") for c in checks]
+    spec = panels(1, len(checks), titles, 0.06, 0.0)
+    for k, check in enumerate(checks, start=1):
+        x = [s.replace("decoder layer ", "dec ").replace("encoder layer ", "enc ")
+             .replace("class and box heads", "heads") for s in check.steps]
+        for name, values, color in (("Spearman", check.spearman, PALETTE[0]),
+                                    ("SSIM", check.ssim, PALETTE[1])):
+            spec["data"].append(_on({
+                "type": "scatter", "x": x, "y": [float(v) for v in values],
+                "mode": "lines+markers", "name": name, "legendgroup": name,
+                "showlegend": k == 1, "line": {"color": color},
+                "hovertemplate": f"{name} after re-drawing %{{x}}: %{{y:.2f}}<extra></extra>"},
+                k))
+        layout = spec["layout"]
+        layout[f"yaxis{'' if k == 1 else k}"].update(range=[-1.05, 1.05], title=(
+            {"text": "similarity to the original"} if k == 1 else None))
+        layout[f"xaxis{'' if k == 1 else k}"].update(tickangle=-60, type="category")
+    _style(spec, height, None)
+    spec["layout"]["showlegend"] = True
+    spec["layout"]["margin"] = {"l": 50, "r": 4, "t": 36, "b": 70}
+    return spec

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import pytest
 
 from detr_viz.analysis import Detection
-from detr_viz.debug_figures import composite_figure, edge_figure, owners
+from detr_viz.debug_figures import composite_figure, edge_figure, owners, sanity_figure
 from detr_viz.display import display_image
 from detr_viz.errors import ArgumentError
 
@@ -89,3 +89,21 @@ def test_edge_panels_draw_each_edge_on_its_box(display):
     assert [t.xaxis for t in edges] == ["x", "x2", "x3", "x4"]
     with pytest.raises(ArgumentError):
         edge_figure.spec(display, GRID32, box, random_maps(3), names)
+
+
+def test_sanity_curves_say_which_map_ignores_the_weights():
+    from detr_viz.sanity import SanityCheck
+
+    steps = ("class and box heads", "decoder layer 6", "encoder layer 1")
+    blind = SanityCheck("raw attention", 3, 1, steps, np.zeros((4, 2, 2)),
+                        np.array([1.0, 0.95, 0.9]), np.array([1.0, 0.9, 0.85]))
+    moved = SanityCheck("relevance", 3, 1, steps, np.zeros((4, 2, 2)),
+                        np.array([0.6, 0.3, 0.1]), np.array([0.5, 0.2, 0.0]))
+    fig = go.Figure(sanity_figure.spec([blind, moved]))
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["raw attention: does NOT depend on the weights",
+                      "relevance: changes with the weights"]
+    lines = {(t.name, t.xaxis): list(t.y) for t in fig.data}
+    assert lines[("Spearman", "x2")] == [0.6, 0.3, 0.1] and lines[("SSIM", "x")][-1] == 0.85
+    assert list(fig.data[0].x) == ["heads", "dec 6", "enc 1"]
+    assert "No sanity check" in sanity_figure([]).layout.annotations[0].text
