@@ -181,9 +181,12 @@ def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
                 store.items[det.query] = edge_relevance(run.model, run.analysis, det.query)
         maps = store.items[det.query]
     st.caption("Each map shows what pushed that edge outward (away from the box's centre).")
+    width, height = run.analysis.original_size  # as tall as a quarter-width photo + title
+    tall = int(min(300, 1100 / len(EDGES) * height / width) + 40)
     key = ("dbg-edges", photo.digest, *run.key, det.query, tuple(style.items()))
     charts.show(memo(key, lambda: edge_figure.spec(photo.panel, run.analysis.grid, det.box,
-                                                   maps, EDGES, **style)), key="edges")
+                                                   maps, EDGES, height=tall, **style)),
+                key="edges")
 
 
 def _sanity(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
