@@ -16,6 +16,7 @@ import streamlit as st
 from detr_viz import DetrVizError, export, figures
 from detr_viz.ui import charts, layers, resources
 from detr_viz.ui.compare import compare_section
+from detr_viz.ui.debugging import debugging_section
 from detr_viz.ui.decoder import decoder_section
 from detr_viz.ui.downloads import export_section
 from detr_viz.ui.encoder import DIRECTIONS, encoder_section, points_of
@@ -90,6 +91,8 @@ def main() -> None:
     if other is not None:
         st.subheader(f"Side by side: {run.variant} and {other.variant}")
         compare_section(run, other, photo, threshold, method, style, points)
+    st.subheader("Debugging: every object, a missed object, box edges, sanity")
+    debugging_section(run, photo, threshold, method, style)
     st.subheader("Export")
     export_section(run, photo, lambda: view_now(controls, points), style)
 

@@ -23,6 +23,7 @@ from detr_viz.coco import COCO_CLASSES
 from detr_viz.errors import ArgumentError
 from detr_viz.geometry import FeatureGrid
 from detr_viz.image import load_image, preprocess
+from detr_viz.matching import BoxMatch, match_box
 from detr_viz.model import DETR
 
 Direction = Literal["incoming", "outgoing"]
@@ -134,6 +135,15 @@ class Analysis:
                       tuple(float(v) for v in boxes[q]))
             for q in kept
         ]
+
+    def queries_for_box(self, box_xyxy_in_photo_pixels, label: int | str | None = None,
+                        k: int = 3) -> list[BoxMatch]:
+        """The ``k`` object queries whose predicted boxes best match a box the user drew
+        ((x0, y0, x1, y1) original-photo pixels), ranked by IoU, then by the probability of
+        ``label`` (a COCO id or name, the class the user expected): see
+        :func:`detr_viz.matching.match_box`. ``match.sentence`` says what each predicted."""
+        return match_box(self.boxes_xyxy(), self.probabilities, box_xyxy_in_photo_pixels,
+                         self.original_size, label, k)
 
     def decoder_attention(
         self, query: int, layer: int = -1, head: int | None = None

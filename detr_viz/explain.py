@@ -33,7 +33,7 @@ Arrays are in the factors' dtype (float32 for a float32 model; float64 for the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +45,7 @@ from detr_viz.attention import Fused
 from detr_viz.capture import AttentionFactors, capture
 from detr_viz.errors import ArgumentError
 from detr_viz.model import DETR
-from detr_viz.replay import replay, trainable_copy
+from detr_viz.replay import replay_outputs, trainable_copy
 
 RAW, ROLLOUT, RELEVANCE = "raw attention", "rollout", "relevance"  # the methods, as named
 METHODS = (RAW, ROLLOUT, RELEVANCE)
@@ -102,12 +102,33 @@ def _chain_columns(layers: Sequence[Tensor], u: Tensor, residual: bool = True) -
     return u
 
 
-def _normalised(r: Tensor) -> Tensor:
+def _offset_rows(layers: Sequence[Tensor], v: Tensor) -> Tensor:
+    """``v^T (P_last ... P_first - I)`` with ``P = I + layer``, (n, N), without cancellation.
+
+    Tracks the offset from the start vector, ``d <- d + (v + d) A``, instead of subtracting
+    ``v`` from the product at the end: when the layers are small (a checkpoint with small
+    logits has small gradients), ``v^T P - v`` loses the digits that make the answer.
+    """
+    d = torch.zeros_like(v)
+    for layer in reversed(layers):
+        d = d + ((v + d)[:, None] @ layer)[:, 0]
+    return d
+
+
+def _offset_columns(layers: Sequence[Tensor], u: Tensor) -> Tensor:
+    """``(P_last ... P_first - I) u`` with ``P = I + layer``, (n, N), as :func:`_offset_rows`."""
+    d = torch.zeros_like(u)
+    for layer in layers:
+        d = d + ((u + d)[:, None] @ layer.transpose(-1, -2))[:, 0]
+    return d
+
+
+def _normalised(hat: Tensor) -> Tensor:
     """Chefer's eq. 8-9: ``(R - I)`` with rows scaled to sum 1 (zero rows stay 0), plus I.
 
-    ``r``: (..., Q, Q), a batch of square matrices."""
-    eye = torch.eye(r.shape[-1], dtype=r.dtype)
-    hat = r - eye
+    ``hat``: ``R - I`` (..., Q, Q), a batch of square matrices (kept as such, not formed from
+    R: see :func:`_offset_rows`)."""
+    eye = torch.eye(hat.shape[-1], dtype=hat.dtype)
     sums = hat.sum(-1, keepdim=True)
     return torch.where(sums > 0, hat / sums.where(sums > 0, 1.0), 0.0) + eye
 
@@ -166,28 +187,45 @@ def rollout(analysis: Analysis) -> Rollout:
 
 # --- relevance -----------------------------------------------------------------------------
 
-def _gradients(model: DETR, analysis: Analysis, queries: list[int], classes: list[int]):
-    """The gradient of each target's logit ``logits[query, class]`` at every attention output.
+Target = Callable[[Tensor, Tensor], Tensor]  # (logits (100, 92), boxes (100, 4)) -> (n,)
 
+
+def _gradients(model: DETR, analysis: Analysis, target: Target, batched: bool = False):
+    """The gradient of each scalar of ``target`` at every attention output.
+
+    ``target`` maps the replayed image's ``pred_logits`` (100, 92) and ``pred_boxes`` (100, 4,
+    normalised cxcywh) to the n explained scalars (n,); e.g. ``logits[queries, classes]``.
     Returns ``(grads, fused)``: per target ``{(part, layer): delta (1, H, L, d)}``, and the
     live attention tensors of the one forward pass (detached), keyed the same way. One forward
-    with a graph (from the captured transformer inputs: no backbone), one backward per target.
-    A single backward with ``is_grads_batched=True`` (vmap) was measured 3-5 % slower than this
-    loop for R50 and DC5 (``benchmarks/explain.py``): the per-target work is the same.
+    with a graph (from the captured transformer inputs: no backbone), then one backward per
+    target, or with ``batched`` one vmapped backward for all (``is_grads_batched``). For
+    queries the loop was measured 3-5 % faster than vmap (``benchmarks/explain.py``); for the
+    four box edges of one query, see ``benchmarks/debugging.py``.
     """
     with torch.inference_mode(False), torch.enable_grad():
         inputs = trainable_copy(analysis.inputs)
         queries_embed = model.query_embed.weight.detach().clone().requires_grad_()
         with capture(model, features=False, live=True) as cap:
-            logits = replay(model, inputs, inputs.src, queries_embed)
+            logits, boxes = replay_outputs(model, inputs, inputs.src, queries_embed)
         keys = sorted(cap.live)
         heads = [cap.live[key].heads for key in keys]
-        targets = logits[0, queries, classes]
-        grads = [dict(zip(keys, torch.autograd.grad(target, heads, retain_graph=True),
-                          strict=True)) for target in targets]
+        targets = target(logits[0], boxes[0])
+        if batched:
+            eye = torch.eye(len(targets), dtype=targets.dtype)
+            every = torch.autograd.grad(targets, heads, eye, is_grads_batched=True)
+            grads = [dict(zip(keys, (g[i] for g in every), strict=True))
+                     for i in range(len(targets))]
+        else:
+            grads = [dict(zip(keys, torch.autograd.grad(one, heads, retain_graph=True),
+                              strict=True)) for one in targets]
         fused = {key: Fused(*(t.detach() if t is not None else None for t in cap.live[key]))
                  for key in keys}
     return grads, fused
+
+
+def class_target(queries: Sequence[int], classes: Sequence[int]) -> Target:
+    """The logits ``logits[query, class]`` of each pair: what :func:`relevance` explains."""
+    return lambda logits, boxes: logits[list(queries), list(classes)]
 
 
 def _classes(analysis: Analysis, queries: list[int], classes: Sequence[int] | None) -> list[int]:
@@ -207,16 +245,16 @@ def _decoder_rows(grads: list[dict], fused: dict, queries: list[int], layers: in
     The decoder rules with ``norm(R_ii)`` factored out: ``R_qi = W norm(R_ii)`` with
     ``W <- (I + S_l) W + norm(R_qq)^T C_l``, since the encoder's ``norm(R_ii)`` is the same in
     every layer's cross-attention update. All targets at once: (n, Q, Q) and (n, Q, N) batches.
+    ``hat`` is ``R_qq - I``, updated as ``hat <- hat + S (I + hat)``.
     """
-    r_qq, w = None, None
+    hat, w = None, None
     for layer in range(layers):
         key_s, key_c = ("decoder_self", layer), ("decoder", layer)
         s = mean_attention(fused[key_s], torch.cat([g[key_s] for g in grads]))  # (n, Q, Q)
         c = mean_attention(fused[key_c], torch.cat([g[key_c] for g in grads]))  # (n, Q, N)
-        eye = torch.eye(s.shape[-1], dtype=s.dtype)
-        r_qq = eye + s if r_qq is None else r_qq + s @ r_qq
+        hat = s if hat is None else hat + s + s @ hat
         w = torch.zeros_like(c) if w is None else w + s @ w
-        w = w + _normalised(r_qq).transpose(1, 2) @ c
+        w = w + _normalised(hat).transpose(1, 2) @ c
     return w[torch.arange(len(queries)), queries]
 
 
@@ -229,12 +267,15 @@ def _encoder_layers(grads: list[dict], fused: dict, layers: int) -> list[Tensor]
 def _relevance_map(encoder: list[Tensor], w: Tensor) -> Tensor:
     """``w^T norm(R_ii)`` with ``R_ii = (I + A_6) ... (I + A_1)``, by vector products only.
 
-    ``norm(R_ii) = D^-1 (R_ii - I) + I`` with D the row sums of ``R_ii - I`` (``R_ii 1 - 1``).
+    ``norm(R_ii) = D^-1 (R_ii - I) + I`` with D the row sums of ``R_ii - I``. Both ``(R_ii - I) 1``
+    and ``y^T (R_ii - I)`` are accumulated as offsets (:func:`_offset_rows`): forming ``R_ii 1``
+    and subtracting 1 left the float32 map 13 % off the float64 one for a checkpoint with small
+    logits (class head scaled by 1e-5); accumulated, ~1 %.
     ``encoder``: per layer (n, N, N) for n targets; ``w`` (n, N). Returns (n, N).
     """
-    sums = _chain_columns(encoder, torch.ones_like(w)) - 1  # (n, N)
+    sums = _offset_columns(encoder, torch.ones_like(w))  # (n, N)
     y = torch.where(sums > 0, w / sums.where(sums > 0, 1.0), 0.0)
-    return _chain_rows(encoder, y) - y + w
+    return _offset_rows(encoder, y) + w
 
 
 def _chunk(analysis: Analysis) -> int:
@@ -252,10 +293,21 @@ def relevance(model: DETR, analysis: Analysis, queries: Sequence[int],
     """
     queries = analysis.checked_queries(queries)
     classes = _classes(analysis, queries, classes)
+    return target_relevance(model, analysis, queries, class_target(queries, classes))
+
+
+def target_relevance(model: DETR, analysis: Analysis, queries: Sequence[int], target: Target,
+                     batched: bool = False) -> np.ndarray:
+    """Chefer relevance maps (n, h, w) of any n scalars of the outputs: ``target`` (see
+    :func:`_gradients`) gives them, ``queries[i]`` is the object query scalar i belongs to
+    (its row of ``R_qi`` is the map). Relevance of class logits and of box edges alike."""
+    queries = analysis.checked_queries(queries)
     h, w = analysis.feature_hw
     if not queries:
         return analysis.encoder[0].q.new_zeros(0, h, w).numpy()
-    grads, fused = _gradients(model, analysis, queries, classes)
+    grads, fused = _gradients(model, analysis, target, batched)
+    if len(grads) != len(queries):
+        raise ArgumentError(f"the target gave {len(grads)} scalars for {len(queries)} queries.")
     layers, step, maps = analysis.num_layers, _chunk(analysis), []
     for i in range(0, len(queries), step):
         part = grads[i:i + step]
@@ -282,8 +334,8 @@ class EncoderRelevance:
         check_direction(direction)
         e = torch.zeros(1, self.layers[0].shape[-1], dtype=self.layers[0].dtype)
         e[0, _cell(self.analysis, point)] = 1
-        chain = _chain_rows if direction == OUTGOING else _chain_columns
-        return (chain(self.layers, e)[0] - e[0]).reshape(self.analysis.feature_hw).numpy()
+        offset = _offset_rows if direction == OUTGOING else _offset_columns
+        return offset(self.layers, e)[0].reshape(self.analysis.feature_hw).numpy()
 
 
 def encoder_relevance(model: DETR, analysis: Analysis, query: int,
@@ -291,6 +343,6 @@ def encoder_relevance(model: DETR, analysis: Analysis, query: int,
     """:class:`EncoderRelevance` of ``query`` for class ``label`` (default: its prediction)."""
     queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
-    grads, fused = _gradients(model, analysis, queries, labels)
+    grads, fused = _gradients(model, analysis, class_target(queries, labels))
     layers = tuple(layer[0] for layer in _encoder_layers(grads, fused, analysis.num_layers))
     return EncoderRelevance(analysis, queries[0], labels[0], layers)

@@ -25,6 +25,20 @@ def replay(model: DETR, inputs: TransformerInputs, src: Tensor | None = None,
     which sees nothing else, into a graph). Computed exactly as ``DETR.forward``
     does, so ``replay(model, cap.inputs)`` equals the captured forward's logits bit for bit.
     """
+    return model.class_embed(_decoded(model, inputs, src, query_embed))[-1]
+
+
+def replay_outputs(model: DETR, inputs: TransformerInputs, src: Tensor | None = None,
+                   query_embed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(pred_logits (B, 100, 92), pred_boxes (B, 100, 4))`` from one transformer run, as
+    :func:`replay` (boxes normalised cxcywh, as ``DETR.forward`` returns them)."""
+    hs = _decoded(model, inputs, src, query_embed)
+    return model.class_embed(hs)[-1], model.bbox_embed(hs[-1]).sigmoid()
+
+
+def _decoded(model: DETR, inputs: TransformerInputs, src: Tensor | None,
+             query_embed: Tensor | None) -> Tensor:
+    """The decoder's output of every layer, (6, B, 100, 256)."""
     src = inputs.src if src is None else src
     if src.shape[1:] != inputs.src.shape[1:]:
         raise ValueError(f"src must be (B, {', '.join(map(str, inputs.src.shape[1:]))}), "
@@ -33,8 +47,7 @@ def replay(model: DETR, inputs: TransformerInputs, src: Tensor | None = None,
     mask = inputs.mask.expand(batch, -1, -1)
     pos = inputs.pos.expand(batch, -1, -1, -1)
     queries = model.query_embed.weight if query_embed is None else query_embed
-    hs = model.transformer(src, mask, queries, pos)[0]
-    return model.class_embed(hs)[-1]
+    return model.transformer(src, mask, queries, pos)[0]
 
 
 def trainable_copy(inputs: TransformerInputs) -> TransformerInputs:

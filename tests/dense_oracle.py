@@ -37,7 +37,14 @@ def _mha(module, query: Tensor, key: Tensor, value: Tensor, pad: Tensor | None):
 
 
 def transformer(model, inputs) -> tuple[Tensor, dict[tuple[str, int], Tensor]]:
-    """Logits (100, 92) of image 0 and every attention matrix, keyed (part, layer).
+    """Logits (100, 92) of image 0 and every attention matrix, keyed (part, layer)."""
+    logits, _, attn = outputs(model, inputs)
+    return logits, attn
+
+
+def outputs(model, inputs) -> tuple[Tensor, Tensor, dict[tuple[str, int], Tensor]]:
+    """Logits (100, 92), boxes (100, 4) normalised cxcywh of image 0 and every attention
+    matrix, keyed (part, layer).
 
     The features and the object queries are fresh leaves requiring grad, so that every
     attention matrix (also the first decoder self-attention) is in the autograd graph.
@@ -60,7 +67,11 @@ def transformer(model, inputs) -> tuple[Tensor, dict[tuple[str, int], Tensor]]:
         a, attn[("decoder", i)] = _mha(layer.multihead_attn, tgt + query_pos, src + pos, src, pad)
         tgt = layer.norm2(tgt + a)
         tgt = layer.norm3(tgt + layer.linear2(F.relu(layer.linear1(tgt))))
-    return model.class_embed(model.transformer.decoder.norm(tgt)), attn
+    hs = model.transformer.decoder.norm(tgt)
+    x = hs
+    for i, linear in enumerate(model.bbox_embed.layers):  # DETR's box MLP, written out
+        x = linear(x) if i == len(model.bbox_embed.layers) - 1 else F.relu(linear(x))
+    return model.class_embed(hs), x.sigmoid(), attn
 
 
 def handle_residual(r: Tensor) -> Tensor:
@@ -72,19 +83,23 @@ def handle_residual(r: Tensor) -> Tensor:
     return hat + eye
 
 
-def attention_gradients(model, inputs, query: int, label: int):
-    """``dy/dA`` and A for every attention matrix, y = logits[query, label]."""
+def attention_gradients(model, inputs, query: int, label: int | None = None, target=None):
+    """``dy/dA`` and A for every attention matrix, y = logits[query, label], or
+    y = target(logits, boxes) for any scalar of the outputs."""
     with torch.inference_mode(False), torch.enable_grad():
-        logits, attn = transformer(model, inputs)
+        logits, boxes, attn = outputs(model, inputs)
         keys = list(attn)
-        grads = torch.autograd.grad(logits[query, label], [attn[k] for k in keys])
+        y = logits[query, label] if target is None else target(logits, boxes)
+        grads = torch.autograd.grad(y, [attn[k] for k in keys])
     return {k: g for k, g in zip(keys, grads, strict=True)}, {k: a.detach() for k, a in
                                                               attn.items()}
 
 
-def relevance(model, inputs, query: int, label: int) -> tuple[Tensor, Tensor]:
-    """Chefer et al. 2021 without LRP, in full matrices: (R_qi[query] (N,), R_ii (N, N))."""
-    grads, attn = attention_gradients(model, inputs, query, label)
+def relevance(model, inputs, query: int, label: int | None = None,
+              target=None) -> tuple[Tensor, Tensor]:
+    """Chefer et al. 2021 without LRP, in full matrices: (R_qi[query] (N,), R_ii (N, N)),
+    for logits[query, label] or for the scalar ``target(logits, boxes)``."""
+    grads, attn = attention_gradients(model, inputs, query, label, target)
 
     def cam(key):  # rule 5
         return (grads[key] * attn[key]).clamp(min=0).mean(0)

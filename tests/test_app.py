@@ -222,6 +222,29 @@ def test_first_run_downloads_with_progress(monkeypatch, weights_dir, tmp_path):
     st.cache_resource.clear()
 
 
+def test_a_failed_download_leaves_the_error_alone(monkeypatch, weights_dir, tmp_path):
+    """The connection drops half way: the page says so, and the progress bar is gone."""
+    data = (weights_dir / _name(R50)).read_bytes()
+    empty = tmp_path / "none"
+    empty.mkdir()
+    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(empty))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def half(url, timeout=None):
+        response = FakeResponse(data[: len(data) // 2])
+        response.headers = {"Content-Length": str(len(data))}
+        return response
+
+    monkeypatch.setattr(urllib.request, "urlopen", half)
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error if "the download stopped after" in e.value]
+    assert not at.get("progress")
+    st.cache_resource.clear()
+
+
 def test_camera_photo(app, oracle):
     data = photo_bytes(size=(640, 480), fmt="JPEG", seed=5)
     app.run()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from detr_viz import export, figures
+from detr_viz import debug_figures, export, figures
 from detr_viz.ui import resources
 from detr_viz.ui.maps import decoder_maps, encoder_maps, tag
 from detr_viz.ui.resources import Photo, Run
@@ -34,6 +34,8 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
             ("Detections", figures.detections_figure(photo.display, kept)),
             (f"Decoder: {v.method}", figures.decoder_grid(photo.display, analysis.grid, kept, dec,
                                                           **style)),
+            ("Every object at once", debug_figures.composite_figure(
+                photo.display, analysis.grid, kept, dec, method=v.method)),
             (f"Encoder: {v.method}", figures.encoder_panels(photo.display, analysis.grid,
                                                             v.points, enc, **style)),
         ], title=f"detr-viz: {analysis.variant}, {v.method}")

@@ -108,8 +108,10 @@ def ensure_checkpoint(variant: str) -> str:
             text += f" of {total / 2**20:.0f} MB" if total else " MB"
             bar.progress(min(done / total, 1.0) if total else 0.0, text=text)
 
-        path = resolve_checkpoint(variant, progress=progress)
-        bar.empty()
+        try:
+            path = resolve_checkpoint(variant, progress=progress)
+        finally:  # on a failed download too: the error is shown alone, not under a stale bar
+            bar.empty()
     return str(Path(path))
 
 
