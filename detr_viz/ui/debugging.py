@@ -151,9 +151,8 @@ def _match_maps(run: Run, photo: Photo, matches: list[BoxMatch], method: str,
 
 def class_relevance(photo: Photo, run: Run, queries: list[int], labels: list[int]):
     """(n, h, w) relevance of each query for the given class (cached per pair)."""
-    store = resources.get_store(photo.digest, *run.key, "class-relevance")
     pairs = list(zip(queries, labels, strict=True))
-    with store.lock:
+    with resources.editing(photo, run, "class-relevance") as store:
         todo = store.missing(pairs)
         if todo:
             with st.spinner(f"Computing relevance for {len(todo)} query/class pair(s)..."):
@@ -174,8 +173,7 @@ def _detection(run: Run, kept: list[Detection], key: str) -> Detection:
 
 def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
     det = _detection(run, kept, "dbg-edges-query")
-    store = resources.get_store(photo.digest, *run.key, "edges")
-    with store.lock:
+    with resources.editing(photo, run, "edges") as store:
         if det.query not in store.items:
             with st.spinner(f"Computing the relevance of query {det.query}'s four box edges..."):
                 store.items[det.query] = edge_relevance(run.model, run.analysis, det.query)
@@ -193,7 +191,6 @@ def _sanity(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
     det = _detection(run, kept, "dbg-sanity-query")
     chosen = st.multiselect("Methods", METHODS, default=[method], key="dbg-sanity-methods")
     layer, head = layers.current("dec")
-    store = resources.get_store(photo.digest, *run.key, "sanity")
 
     def key(m: str):
         return (det.query, m, layer, head) if m == RAW else (det.query, m)
@@ -201,15 +198,15 @@ def _sanity(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
     st.caption("Re-draws the transformer's weights from the top (heads, decoder layers 6 to 1, "
                "encoder layers 6 to 1) on a copy, and compares each step's map with the "
                "original. A map that stays the same is not explaining this model.")
-    if st.button("Run the sanity check", key="dbg-sanity-run"):
-        with store.lock:
+    with resources.editing(photo, run, "sanity") as store:
+        if st.button("Run the sanity check", key="dbg-sanity-run"):
             for m in [m for m in chosen if key(m) not in store.items]:
                 update, done = resources.with_progress(f"Sanity check of {m}, query {det.query}")
                 store.items[key(m)] = sanity.sanity_check(run.model, run.analysis, det.query, m,
                                                           layer=layer, head=head,
                                                           progress=update)
                 done()
-    checks = [store.items[key(m)] for m in chosen if key(m) in store.items]
+        checks = [store.items[key(m)] for m in chosen if key(m) in store.items]
     if not checks:
         return
     charts.show(sanity_figure.spec(checks), key="sanity")
