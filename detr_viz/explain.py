@@ -106,7 +106,7 @@ def _normalised(r: Tensor) -> Tensor:
     """Chefer's eq. 8-9: ``(R - I)`` with rows scaled to sum 1 (zero rows stay 0), plus I.
 
     ``r``: (..., Q, Q), a batch of square matrices."""
-    eye = torch.eye(r.shape[-1], dtype=r.dtype)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
     hat = r - eye
     sums = hat.sum(-1, keepdim=True)
     return torch.where(sums > 0, hat / sums.where(sums > 0, 1.0), 0.0) + eye
@@ -213,7 +213,7 @@ def _decoder_rows(grads: list[dict], fused: dict, queries: list[int], layers: in
         key_s, key_c = ("decoder_self", layer), ("decoder", layer)
         s = mean_attention(fused[key_s], torch.cat([g[key_s] for g in grads]))  # (n, Q, Q)
         c = mean_attention(fused[key_c], torch.cat([g[key_c] for g in grads]))  # (n, Q, N)
-        eye = torch.eye(s.shape[-1], dtype=s.dtype)
+        eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
         r_qq = eye + s if r_qq is None else r_qq + s @ r_qq
         w = torch.zeros_like(c) if w is None else w + s @ w
         w = w + _normalised(r_qq).transpose(1, 2) @ c
@@ -261,7 +261,7 @@ def relevance(model: DETR, analysis: Analysis, queries: Sequence[int],
         part = grads[i:i + step]
         rows = _decoder_rows(part, fused, queries[i:i + step], layers)
         maps.append(_relevance_map(_encoder_layers(part, fused, layers), rows))
-    return torch.cat(maps).reshape(-1, h, w).numpy()
+    return torch.cat(maps).reshape(-1, h, w).cpu().numpy()
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,5 +292,5 @@ def encoder_relevance(model: DETR, analysis: Analysis, query: int,
     queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
     grads, fused = _gradients(model, analysis, queries, labels)
-    layers = tuple(layer[0] for layer in _encoder_layers(grads, fused, analysis.num_layers))
+    layers = tuple(layer[0].cpu() for layer in _encoder_layers(grads, fused, analysis.num_layers))
     return EncoderRelevance(analysis, queries[0], labels[0], layers)
