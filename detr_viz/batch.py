@@ -183,6 +183,6 @@ def _analyse(model, image, source, settings, store) -> str | None:
         return str(image)
     try:
         analyse_photo(model, image, source, settings, store)
-    except (DetrVizError, OSError) as exc:
+    except (DetrVizError, OSError, RuntimeError, MemoryError) as exc:  # torch: out of memory
         return f"{type(exc).__name__}: {exc}"
     return None

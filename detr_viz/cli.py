@@ -52,9 +52,10 @@ def parser() -> argparse.ArgumentParser:
                          help="resize so the shorter side is this (default 800, as DETR)")
     analyze.add_argument("--max-size", type=int, default=1333,
                          help="longer side at most this (default 1333, as DETR)")
-    analyze.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                         help="run on a Ray cluster: its address, or none to start or join "
-                              "the local one (needs: pip install -r requirements-ray.txt)")
+    analyze.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                         help="run on Ray: a cluster's address (auto: the one running here, "
+                              "ray://host:10001, ...), or none to start Ray on this machine "
+                              "(or join $RAY_ADDRESS); needs pip install -r requirements-ray.txt")
     analyze.add_argument("--workers", type=int, default=None,
                          help="with --ray: how many model workers (default: one per CPU, "
                               "or per GPU with --device cuda)")
