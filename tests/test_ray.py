@@ -7,10 +7,11 @@ import threading
 import time
 
 import pytest
-from test_cli import _same_results, library_runner, photos, threshold_for
 
 from detr_viz.cli import main
 from detr_viz.ray_batch import ACTOR_NAME, NAMESPACE
+
+from test_cli import _same_results, library_runner, photos, threshold_for
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -r "
                                         "requirements-ray.txt to test detr-viz analyze --ray")
