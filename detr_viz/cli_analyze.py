@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,6 @@ def settings_of(args: argparse.Namespace) -> BatchSettings:
 def device_of(args: argparse.Namespace) -> str:
     """The device option as given, else ``$DETR_VIZ_DEVICE``, else auto (checked here, so a
     missing GPU stops the run before any photo)."""
-    import os
-
     chosen = args.device or os.environ.get(DEVICE_ENV) or "auto"
     resolve_device(chosen)
     return chosen

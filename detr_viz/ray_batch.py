@@ -115,9 +115,11 @@ def run_batch_on_ray(sources: Sequence[Path], settings: BatchSettings, store: Re
     try:
         if todo:
             actors = start_workers(settings, device, store.root.resolve(), workers)
-            _dispatch(ray, actors, todo, report, log, progress or ProgressBar(len(todo)))
-            for actor in actors:
-                ray.kill(actor)
+            try:
+                _dispatch(ray, actors, todo, report, log, progress or ProgressBar(len(todo)))
+            finally:  # Ctrl-C included: no worker outlives the run on a shared cluster
+                for actor in actors:
+                    ray.kill(actor)
     finally:
         if started:
             ray.shutdown()
