@@ -2,4 +2,5 @@
 
 from detr_viz.cli import entry_point
 
-entry_point()
+if __name__ == "__main__":  # importing it (as a test of every module does) runs nothing
+    entry_point()
