@@ -200,12 +200,14 @@ def analyze(
 
     The image is resized as DETR's evaluation transform does (short side ``short_side``, long
     side at most ``max_size``) and normalised with ImageNet statistics, in the model's dtype
-    (float64 models give float64 attention factors: the test oracles use that).
+    (float64 models give float64 attention factors: the test oracles use that), on the model's
+    device; the record holds only CPU arrays and tensors, whatever that device.
     """
     model_input = preprocess(load_image(image), short_side=short_side, max_size=max_size)
-    dtype = model.query_embed.weight.dtype
+    weight = model.query_embed.weight
     with torch.inference_mode(), capture(model, features=False) as cap:
-        outputs = model(model_input.tensor.to(dtype))
+        outputs = model(model_input.tensor.to(weight.device, weight.dtype))
+        outputs = {k: v.cpu() for k, v in outputs.items()}
     grid = FeatureGrid(
         original_size=model_input.original_size,
         input_size=model_input.input_size,

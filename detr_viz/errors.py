@@ -40,5 +40,9 @@ class WrongVariantError(WeightsError):
     """The checkpoint is a DETR state dict, but for another variant."""
 
 
+class DeviceUnavailableError(DetrVizError):
+    """The device asked for (a CUDA GPU, Apple's MPS) cannot be used on this machine."""
+
+
 class ArgumentError(DetrVizError, ValueError):
     """An argument is out of range: a query index, a layer, a head, a point off the image."""

@@ -128,7 +128,7 @@ def _normalised(hat: Tensor) -> Tensor:
 
     ``hat``: ``R - I`` (..., Q, Q), a batch of square matrices (kept as such, not formed from
     R: see :func:`_offset_rows`)."""
-    eye = torch.eye(hat.shape[-1], dtype=hat.dtype)
+    eye = torch.eye(hat.shape[-1], dtype=hat.dtype, device=hat.device)
     sums = hat.sum(-1, keepdim=True)
     return torch.where(sums > 0, hat / sums.where(sums > 0, 1.0), 0.0) + eye
 
@@ -313,7 +313,7 @@ def target_relevance(model: DETR, analysis: Analysis, queries: Sequence[int], ta
         part = grads[i:i + step]
         rows = _decoder_rows(part, fused, queries[i:i + step], layers)
         maps.append(_relevance_map(_encoder_layers(part, fused, layers), rows))
-    return torch.cat(maps).reshape(-1, h, w).numpy()
+    return torch.cat(maps).reshape(-1, h, w).cpu().numpy()
 
 
 @dataclass(frozen=True, eq=False)
@@ -344,5 +344,5 @@ def encoder_relevance(model: DETR, analysis: Analysis, query: int,
     queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
     grads, fused = _gradients(model, analysis, class_target(queries, labels))
-    layers = tuple(layer[0] for layer in _encoder_layers(grads, fused, analysis.num_layers))
+    layers = tuple(layer[0].cpu() for layer in _encoder_layers(grads, fused, analysis.num_layers))
     return EncoderRelevance(analysis, queries[0], labels[0], layers)

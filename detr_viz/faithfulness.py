@@ -129,7 +129,7 @@ def _probabilities(model: DETR, analysis: Analysis, sources: list[Tensor],
     with torch.inference_mode():
         for i in range(0, len(sources), BATCH):
             logits = replay(model, analysis.inputs, torch.stack(sources[i:i + BATCH]))
-            out.append(logits.softmax(-1)[..., :-1].numpy())
+            out.append(logits.softmax(-1)[..., :-1].cpu().numpy())
             if progress is not None:
                 progress(min(i + BATCH, len(sources)), len(sources))
     return np.concatenate(out)

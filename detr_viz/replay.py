@@ -24,6 +24,7 @@ def replay(model: DETR, inputs: TransformerInputs, src: Tensor | None = None,
     the learnt object queries (a copy requiring grad puts the decoder's first self-attention,
     which sees nothing else, into a graph). Computed exactly as ``DETR.forward``
     does, so ``replay(model, cap.inputs)`` equals the captured forward's logits bit for bit.
+    The inputs move to the model's device (captures are kept on the CPU); the logits stay there.
     """
     return model.class_embed(_decoded(model, inputs, src, query_embed))[-1]
 
@@ -44,9 +45,11 @@ def _decoded(model: DETR, inputs: TransformerInputs, src: Tensor | None,
         raise ValueError(f"src must be (B, {', '.join(map(str, inputs.src.shape[1:]))}), "
                          f"not {tuple(src.shape)}")
     batch = src.shape[0]
-    mask = inputs.mask.expand(batch, -1, -1)
-    pos = inputs.pos.expand(batch, -1, -1, -1)
     queries = model.query_embed.weight if query_embed is None else query_embed
+    device = queries.device
+    src = src.to(device)
+    mask = inputs.mask.to(device).expand(batch, -1, -1)
+    pos = inputs.pos.to(device).expand(batch, -1, -1, -1)
     return model.transformer(src, mask, queries, pos)[0]
 
 

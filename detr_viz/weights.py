@@ -17,6 +17,7 @@ loading: a foreign, damaged or wrong-variant file raises a typed
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from detr_viz.device import describe_device, resolve_device
 from detr_viz.download import (
     Progress,
     cached_file_sha256,
@@ -62,6 +64,8 @@ from detr_viz.model import DEFAULT_VARIANT, DETR, VARIANTS, Variant, build_model
 Downloader = Callable[[str, Path, Progress | None], Path]  # (url, dest, progress) -> dest
 Shapes = dict[str, tuple[int, ...]]
 Provenance = Literal["official", "huggingface", "other"]
+DEVICE_ENV = "DETR_VIZ_DEVICE"  # the device load_model uses when none is given (default: auto)
+LOG = logging.getLogger("detr_viz")
 _HF_PREFIXES = ("class_labels_classifier.", "bbox_predictor.", "model.backbone.", "model.encoder.",
                 "model.decoder.", "model.input_projection.", "model.query_position_embeddings.")
 __all__ = [  # with names kept here from detr_viz.lookup and detr_viz.hf_checkpoint
@@ -88,8 +92,9 @@ def load_model(
     progress: Progress | None = None,
     *,
     download: bool | Downloader | None = None,
+    device: str | torch.device | None = None,
 ) -> DETR:
-    """``variant`` with its weights loaded (``strict=True``), in eval mode.
+    """``variant`` with its weights loaded (``strict=True``), in eval mode, on ``device``.
 
     ``variant`` None means the variant of ``checkpoint`` when that is a Hugging Face checkpoint
     (from its config.json), else ``"detr_resnet50"``; a given variant that the Hugging Face
@@ -97,7 +102,12 @@ def load_model(
     ``download``: None or True uses :func:`download_checkpoint`; False never downloads (a missing
     file raises :class:`WeightsUnavailableError`); a callable ``(url, dest, progress) -> path``
     replaces the downloader. ``progress(done, total)`` reports download bytes.
+    ``device``: ``"auto"`` (CUDA, else Apple MPS, else the CPU), or one forced (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, ``"mps"``; see :func:`detr_viz.device.resolve_device`); None
+    means ``$DETR_VIZ_DEVICE``, else ``"auto"``. The choice is logged (logger ``detr_viz``) and
+    read back with :func:`detr_viz.device.model_device`; analyses of the model are CPU records.
     """
+    target = resolve_device(device if device is not None else os.environ.get(DEVICE_ENV) or None)
     if variant is None:
         hf = checkpoint is not None and is_hf_checkpoint(Path(checkpoint).expanduser())
         variant = checkpoint_variant(Path(checkpoint).expanduser()) if hf else DEFAULT_VARIANT
@@ -105,7 +115,8 @@ def load_model(
     state = load_checkpoint(path, variant)
     model = build_model(variant)
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    LOG.info("detr-viz runs %s on %s", variant, describe_device(target))
+    return model.to(target).eval()
 
 
 def is_official_release(path: str | os.PathLike[str], variant: str) -> bool:

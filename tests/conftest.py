@@ -21,6 +21,8 @@ from detr_viz.model import DETR, build_model
 from detr_viz.testing import recipe_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# Tests run on the CPU (load_model's default is "auto"); DETR_VIZ_DEVICE=cuda runs them on a GPU.
+os.environ.setdefault("DETR_VIZ_DEVICE", "cpu")
 
 
 @functools.cache

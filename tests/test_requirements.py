@@ -68,9 +68,9 @@ def test_every_lock_agrees_with_the_dev_lock(name):
 
 def test_the_readme_commands_install_through_the_locks():
     readme = (ROOT / "README.md").read_text()
-    assert ("python -m pip install -r requirements.txt -c requirements.lock "
+    assert ("python -m pip install -r requirements.txt -c requirements.lock -e . "
             "&& streamlit run app.py") in readme
-    assert ("python -m pip install -r requirements-dev.txt -c requirements-dev.lock "
+    assert ("python -m pip install -r requirements-dev.txt -c requirements-dev.lock -e . "
             "&& python -m pytest") in readme
 
 

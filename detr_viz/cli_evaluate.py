@@ -1,0 +1,73 @@
+"""``detr-viz evaluate``: score an ``analyze`` folder, aggregate per method, write the report.
+
+Writes into the folder: ``evaluation.csv`` (one row per detection and method), ``evaluation.md``
+(the per-method table with 95 % bootstrap intervals) and ``evaluation.html`` (table and plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from detr_viz.batch import ProgressBar, parse_methods
+from detr_viz.cli_analyze import device_of
+from detr_viz.device import describe_device, resolve_device
+from detr_viz.errors import ArgumentError, DetrVizError
+from detr_viz.eval_report import aggregate, markdown, report_html
+from detr_viz.evaluation import evaluate_photo, gt_energy, read_annotations
+from detr_viz.results import ResultStore, atomic_write
+from detr_viz.weights import load_model
+
+CSV_COLUMNS = ("photo", "source", "query", "label", "score", "method", "deletion_auc",
+               "random_deletion_auc", "insertion_auc", "random_insertion_auc", "pointing",
+               "gt_energy")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    store = ResultStore(args.folder)
+    records = store.records()
+    if not records:
+        raise ArgumentError(f"{args.folder} holds no analysed photo: run detr-viz analyze "
+                            f"... --out {args.folder} first.")
+    settings = records[0]["settings"]
+    methods = parse_methods(args.methods or [m for m in settings["methods"]])
+    truth = read_annotations(args.annotations) if args.annotations else None
+    device = device_of(args)
+    checkpoint = args.checkpoint or settings["checkpoint"]
+    model = load_model(settings["variant"], checkpoint, device=device)
+    print(f"detr-viz: {settings['variant']} on {describe_device(resolve_device(device))}",
+          file=sys.stderr)
+    rows, failed, bar = [], 0, ProgressBar(len(records))
+    for record in records:
+        try:
+            mine = evaluate_photo(model, record, store, methods, steps=args.steps)
+            if truth is not None:
+                energy = gt_energy(record, store, methods, truth.get(Path(record["source"]).name,
+                                                                      []))
+                for row in mine:
+                    row["gt_energy"] = energy[row["query"], row["method"]]
+        except (DetrVizError, OSError) as exc:
+            print(f"detr-viz: skipped {record['source']}: {exc}", file=sys.stderr)
+            failed += 1
+            mine = []
+        rows += mine
+        bar.step(failed=not mine and bool(record["detections"]))
+    table = aggregate(rows, methods, resamples=args.bootstrap)
+    _write_csv(store.root / "evaluation.csv", rows)
+    atomic_write(store.root / "evaluation.md", markdown(table))
+    atomic_write(store.root / "evaluation.html", report_html(table, rows, methods))
+    print(markdown(table))
+    print(f"detr-viz: {len(rows)} scores of {len(records) - failed} photos; "
+          f"{store.root / 'evaluation.html'}", file=sys.stderr)
+    return failed
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buffer.getvalue())
