@@ -71,12 +71,15 @@ def test_raw_attention_changes_only_when_its_own_layer_or_one_below_is_redrawn(o
                                progress=lambda done, total: reports.append((done, total)))
     assert last.steps == STEPS and last.maps.shape == (14, *analysis.feature_hw)
     assert reports == [(i, 13) for i in range(1, 14)]
-    np.testing.assert_array_equal(last.maps[1], last.maps[0])  # heads: no change
+    # "unchanged" is to float64 rounding: the original map comes from the captured forward and
+    # each step's from a replay of the transformer (another summation order, ~1e-15 apart);
+    # a re-drawn layer moves the map by more than 1e-3
+    np.testing.assert_allclose(last.maps[1], last.maps[0], rtol=0, atol=1e-12)  # heads: same
     assert last.spearman[0] == pytest.approx(1) and last.ssim[0] == pytest.approx(1)
     assert np.abs(last.maps[2] - last.maps[0]).max() > 1e-3  # decoder layer 6 itself
     first = sanity.sanity_check(model, analysis, query, RAW, layer=0)
     for step in range(6):  # heads, decoder layers 6..2
-        np.testing.assert_array_equal(first.maps[step + 1], first.maps[0])
+        np.testing.assert_allclose(first.maps[step + 1], first.maps[0], rtol=0, atol=1e-12)
     assert np.abs(first.maps[7] - first.maps[0]).max() > 1e-3  # decoder layer 1 (and queries)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     again = sanity.sanity_check(model, analysis, query, RAW, layer=0)  # seeded
