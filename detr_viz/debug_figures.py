@@ -21,6 +21,7 @@ from detr_viz.figures import (
     _box,
     _check_display,
     _describe,
+    _detection_maps,
     _on,
     _overlay,
     _photo,
@@ -71,12 +72,8 @@ def composite_figure(display: DisplayImage, grid: FeatureGrid, detections: list[
     proportion to that value; hovering a cell names the query; the legend groups detections
     by class (clicking an entry hides that detection's map and box).
     """
-    _check_display(display, grid)
-    maps = np.asarray(maps, dtype=np.float32)
+    maps = _detection_maps(display, grid, detections, maps)
     n = len(detections)
-    if maps.shape != (n, *grid.shape):
-        raise ArgumentError(f"maps have shape {maps.shape}; {n} detections on a "
-                            f"{grid.shape[0]}x{grid.shape[1]} grid need {(n, *grid.shape)}.")
     if n == 0:
         return _blank(NO_DETECTIONS, height)
     owner, strength = owners(maps)

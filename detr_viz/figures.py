@@ -123,12 +123,8 @@ def decoder_grid(
     (or ``titles[i]``); bottom: the photo with that query's box and its map overlaid. n = 0
     gives a note. Axes: panel (row, col) uses ``x{k}`` / ``y{k}`` with k = row * n + col + 1.
     """
-    _check_display(display, grid)
-    maps = np.asarray(maps, dtype=np.float32)
+    maps = _detection_maps(display, grid, detections, maps)
     n = len(detections)
-    if maps.shape != (n, *grid.shape):
-        raise ArgumentError(f"maps have shape {maps.shape}; {n} detections on a "
-                            f"{grid.shape[0]}x{grid.shape[1]} grid need {(n, *grid.shape)}.")
     if n == 0:
         return _blank(NO_DETECTIONS, 2 * height_per_row)
     if titles is None:
@@ -305,6 +301,19 @@ def _check_display(display: DisplayImage, grid: FeatureGrid) -> None:
                             f"{grid.original_size} image; analyse this photo first.")
 
 
+def _detection_maps(display: DisplayImage, grid: FeatureGrid, detections: Sequence,
+                    maps: np.ndarray) -> np.ndarray:
+    """``maps`` as float32 (n, h, w), one per detection on ``grid``, after checking that
+    ``display`` shows the analysed photo."""
+    _check_display(display, grid)
+    maps = np.asarray(maps, dtype=np.float32)
+    n = len(detections)
+    if maps.shape != (n, *grid.shape):
+        raise ArgumentError(f"maps have shape {maps.shape}; {n} detections on a "
+                            f"{grid.shape[0]}x{grid.shape[1]} grid need {(n, *grid.shape)}.")
+    return maps
+
+
 def _blank(message: str, height: int) -> Spec:
     spec = {"data": [], "layout": {
         "annotations": [{"text": message, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper",
@@ -327,7 +336,7 @@ def figure(spec: Spec) -> go.Figure:
     """
     try:
         return go.Figure(spec, _validate=False)
-    except TypeError:  # pragma: no cover - a Plotly without the keyword
+    except TypeError:  # a Plotly without the keyword (tests/test_ui_charts.py)
         return go.Figure(spec)
 
 
