@@ -108,6 +108,16 @@ class BatchReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     detections: int = 0
 
+    def record(self, source: Path, reason: str | None, log: Callable[[str], None],
+               progress: ProgressBar) -> None:
+        """One photo's outcome (``reason`` None: done), logged if it failed, and a progress step."""
+        if reason is None:
+            self.done.append(source)
+        else:
+            self.failed.append((source, reason))
+            log(f"skipped {source}: {reason}")
+        progress.step(failed=reason is not None)
+
 
 class ProgressBar:
     """``12/50 photos [#####-----] 0.83 photo/s, ETA 0:00:45, 1 failed`` on stderr."""
@@ -164,13 +174,8 @@ def run_batch(sources: Sequence[Path], settings: BatchSettings, store: ResultSto
                 image = upcoming.result()
                 if i + 1 < len(todo):
                     upcoming = pool.submit(_decode, todo[i + 1])
-                reason = _analyse(model, image, source, settings, store)
-                if reason is None:
-                    report.done.append(source)
-                else:
-                    report.failed.append((source, reason))
-                    log(f"skipped {source}: {reason}")
-                progress.step(failed=reason is not None)
+                report.record(source, _analyse(model, image, source, settings, store), log,
+                              progress)
                 del image
     report.detections = store.write_summary(sources)
     store.write_failures(report.failed)

@@ -149,9 +149,4 @@ def _dispatch(ray, actors, todo, report, log, progress) -> None:
         except ray.exceptions.RayError as exc:  # an error in the task; the worker lives on
             idle.append(actor)
             reason = f"{type(exc).__name__}: {exc}"
-        if reason is None:
-            report.done.append(source)
-        else:
-            report.failed.append((source, reason))
-            log(f"skipped {source}: {reason}")
-        progress.step(failed=reason is not None)
+        report.record(source, reason, log, progress)
