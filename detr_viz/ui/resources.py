@@ -147,8 +147,10 @@ def editing(photo: Photo, run: Run, what: str) -> Iterator[Store]:
     key = _store_key(photo, run, what)
     store = cache().get(key, Store)
     with store.lock:
-        yield store
-        cache().remeasure(key)
+        try:
+            yield store
+        finally:  # a computation that failed half-way may still have added entries
+            cache().remeasure(key)
 
 
 def rollout(photo: Photo, run: Run):
