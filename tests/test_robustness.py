@@ -18,6 +18,8 @@ import math
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import threading
 import warnings
 import weakref
@@ -380,19 +382,45 @@ def test_decompression_bomb_is_refused_before_decoding(fmt, width, height):
         control = encode(BASE, fmt, quality=50) if fmt == "HEIF" else claiming(fmt, 8, 8)
         assert load_image(control).size == (8, 8)  # the size edit alone makes the bomb
         data = claiming(fmt, width, height)
-    measure_peak = reset_peak_rss()
-    before = rss()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            outcome: object = load_image(data)
-    except ImageError as error:
-        outcome = error
-    grown = (peak_rss() if measure_peak else rss()) - before
+    grown, kind, message = refusal_in_a_fresh_process(data)
     assert grown < 100 * MB, f"RSS rose by {grown / MB:.0f} MB"
-    assert isinstance(outcome, ImageError), outcome
+    assert kind == "ImageError", (kind, message)
     if fmt != "HEIF":  # libheif checks its own limit; the others are refused from the header
-        assert f"{width * height:,}" in str(outcome)
+        assert f"{width * height:,}" in message
+
+
+_REFUSAL = """
+import sys, warnings
+from PIL import Image
+from detr_viz.errors import ImageError
+from detr_viz.image import load_image
+sys.path.insert(0, "tests")
+from test_robustness import peak_rss, reset_peak_rss, rss
+data = sys.stdin.buffer.read()
+load_image(Image.new("RGB", (8, 8)))  # plugins and decoders loaded before the baseline
+measure_peak = reset_peak_rss()
+before = rss()
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        outcome = load_image(data)
+except ImageError as error:
+    outcome = error
+grown = (peak_rss() if measure_peak else rss()) - before
+print(grown, type(outcome).__name__, str(outcome).replace(chr(10), " "), sep="\\t")
+"""
+
+
+def refusal_in_a_fresh_process(data: bytes) -> tuple[int, str, str]:
+    """``load_image(data)`` in a child process: (peak RSS growth in bytes, outcome's type name,
+    its message). The peak RSS is per process, so threads that earlier tests left running in
+    this one (and their allocations) cannot count against the load."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _REFUSAL], input=data, capture_output=True,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+                          timeout=120)
+    grown, kind, message = done.stdout.decode().strip().split("\t", 2)
+    return int(grown), kind, message
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
