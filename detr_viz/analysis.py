@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from detr_viz.capture import AttentionFactors, TransformerInputs, capture
-from detr_viz.coco import COCO_CLASSES
 from detr_viz.errors import ArgumentError
 from detr_viz.geometry import FeatureGrid
 from detr_viz.image import load_image, preprocess
 from detr_viz.matching import BoxMatch, match_box
 from detr_viz.model import DETR
+from detr_viz.spec import ModelSpec, class_name
 
 Direction = Literal["incoming", "outgoing"]
 INCOMING: Direction = "incoming"  # what looks at the point: the column (the notebook's reading)
@@ -57,18 +57,21 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Analysis:
-    """DETR's predictions and attention for one image.
+    """A detector's predictions and attention for one image.
 
-    ``probabilities``: (100, 91) float32, softmax over the 92 outputs without "no object";
-    ``boxes``: (100, 4) float32 normalised (cx, cy, w, h) relative to the image;
-    ``encoder`` / ``decoder`` / ``decoder_self``: per layer (6 each), the exact attention
-    factors of one image: encoder self-attention (h * w cells), decoder cross-attention
-    (100 queries over the cells) and decoder self-attention (100 x 100);
+    ``spec``: the checkpoint (family, sizes, class names); Q queries and C classes below are
+    ``spec.num_queries`` and ``spec.num_classes`` (100 and 91 for the released DETRs).
+    ``probabilities``: (Q, C) float32 class probabilities (DETR: the softmax over the C + 1
+    outputs without "no object");
+    ``boxes``: (Q, 4) float32 normalised (cx, cy, w, h) relative to the image;
+    ``encoder`` / ``decoder`` / ``decoder_self``: per layer, the exact attention factors of one
+    image: encoder self-attention (h * w cells), decoder cross-attention (Q queries over the
+    cells) and decoder self-attention (Q x Q);
     ``inputs``: what the transformer was given (CNN features after ``input_proj``, padding mask,
     position encoding), so that explanation methods can re-run it without the backbone.
     """
 
-    variant: str
+    spec: ModelSpec
     grid: FeatureGrid
     probabilities: np.ndarray
     boxes: np.ndarray
@@ -76,6 +79,16 @@ class Analysis:
     decoder: tuple[AttentionFactors, ...]
     decoder_self: tuple[AttentionFactors, ...]
     inputs: TransformerInputs
+
+    @property
+    def variant(self) -> str:
+        """The checkpoint's name: the released variant's (``"detr_resnet50"``) or its own."""
+        return self.spec.name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The name of each class index (``spec.labels``)."""
+        return self.spec.labels
 
     @property
     def feature_hw(self) -> tuple[int, int]:
@@ -98,7 +111,12 @@ class Analysis:
 
     @property
     def num_layers(self) -> int:
+        """Encoder layers (see also :attr:`num_decoder_layers`; equal in the released DETRs)."""
         return len(self.encoder)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return len(self.decoder)
 
     @property
     def num_heads(self) -> int:
@@ -110,11 +128,11 @@ class Analysis:
 
     @property
     def scores(self) -> np.ndarray:
-        """(100,) best class probability of each query."""
+        """(Q,) best class probability of each query."""
         return self.probabilities.max(axis=1)
 
     def boxes_xyxy(self) -> np.ndarray:
-        """(100, 4) boxes as (x0, y0, x1, y1) in original-image pixels."""
+        """(Q, 4) boxes as (x0, y0, x1, y1) in original-image pixels."""
         cx, cy, w, h = self.boxes.T
         width, height = self.original_size
         return np.stack(
@@ -131,7 +149,7 @@ class Analysis:
         boxes = self.boxes_xyxy()
         kept = [int(q) for q in np.argsort(-scores, kind="stable") if scores[q] > threshold]
         return [
-            Detection(q, int(labels[q]), COCO_CLASSES[labels[q]], float(scores[q]),
+            Detection(q, int(labels[q]), class_name(self.labels, int(labels[q])), float(scores[q]),
                       tuple(float(v) for v in boxes[q]))
             for q in kept
         ]
@@ -140,10 +158,10 @@ class Analysis:
                         k: int = 3) -> list[BoxMatch]:
         """The ``k`` object queries whose predicted boxes best match a box the user drew
         ((x0, y0, x1, y1) original-photo pixels), ranked by IoU, then by the probability of
-        ``label`` (a COCO id or name, the class the user expected): see
+        ``label`` (a class id or name of :attr:`labels`, the class the user expected): see
         :func:`detr_viz.matching.match_box`. ``match.sentence`` says what each predicted."""
         return match_box(self.boxes_xyxy(), self.probabilities, box_xyxy_in_photo_pixels,
-                         self.original_size, label, k)
+                         self.original_size, label, k, labels=self.labels)
 
     def decoder_attention(
         self, query: int, layer: int = -1, head: int | None = None
@@ -217,7 +235,7 @@ def analyze(
     probabilities = outputs["pred_logits"][0].softmax(-1)[:, :-1]
     layers = range(cap.num_layers)
     return Analysis(
-        variant=model.variant.name,
+        spec=model.spec,
         grid=grid,
         probabilities=_frozen(probabilities.numpy()),
         boxes=_frozen(outputs["pred_boxes"][0].numpy()),

@@ -40,11 +40,13 @@ HF_REPOS = {  # variant -> the Hub repository of its transformers port
     "detr_resnet101": "facebook/detr-resnet-101",
     "detr_resnet101_dc5": "facebook/detr-resnet-101-dc5",
 }
-# DetrConfig fields that change the computation but not every shape; missing = the default
-_REQUIRED = {"num_queries": 100, "d_model": 256, "encoder_layers": 6, "decoder_layers": 6,
+# DetrConfig fields the released models have (missing = transformers' default): a checkpoint
+# that differs only in sizes is a fine-tuned DETR; one that differs in _REQUIRED cannot be rebuilt
+_RELEASED = {"num_queries": 100, "d_model": 256, "encoder_layers": 6, "decoder_layers": 6,
              "encoder_attention_heads": 8, "decoder_attention_heads": 8, "encoder_ffn_dim": 2048,
-             "decoder_ffn_dim": 2048, "activation_function": "relu",
-             "position_embedding_type": "sine", "num_channels": 3}
+             "decoder_ffn_dim": 2048}
+_REQUIRED = {"activation_function": "relu", "position_embedding_type": "sine", "num_channels": 3}
+SUPPORTED = "DETR (model_type \"detr\")"
 _RESNET_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 _RESNET_REQUIRED = {"layer_type": "bottleneck", "embedding_size": 64, "hidden_act": "relu",
                     "hidden_sizes": [256, 512, 1024, 2048], "downsample_in_bottleneck": False,
@@ -57,8 +59,10 @@ class HFCheckpoint:
 
     folder: Path  # holds config.json
     weights: Path  # model.safetensors or pytorch_model.bin (or the file the user named)
-    variant: str  # our variant name, e.g. "detr_resnet50_dc5"
+    variant: str | None  # a released model's name, e.g. "detr_resnet50_dc5"; None: fine-tuned
     timm_backbone: bool  # backbone key layout: timm/torchvision names, else transformers' ResNet
+    record: dict[str, Any]  # what shapes cannot tell, as DETR's args: nheads, dilation, backbone
+    labels: tuple[str, ...] | None  # id2label in id order (None: transformers' placeholders)
 
 
 def is_hf_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -94,19 +98,45 @@ def open_checkpoint(path: str | os.PathLike[str]) -> HFCheckpoint:
         )
     config = read_config(folder / "config.json", weights)
     backbone, dilation, timm = backbone_of(config, folder / "config.json")
-    variant = {(v.backbone, v.dilation): n for n, v in VARIANTS.items()}[backbone, dilation]
-    return HFCheckpoint(folder, weights, variant, timm)
+    labels = _labels(config, folder / "config.json")
+    released = (labels is None or len(labels) == 91) and config.get("num_labels", 91) == 91 \
+        and all(config.get(k, v) == v for k, v in _RELEASED.items())
+    variant = {(v.backbone, v.dilation): n for n, v in VARIANTS.items()}[backbone, dilation] \
+        if released else None
+    heads = config.get("encoder_attention_heads", 8)
+    if config.get("decoder_attention_heads", 8) != heads or \
+            config.get("decoder_ffn_dim", 2048) != config.get("encoder_ffn_dim", 2048):
+        raise _unsupported(folder / "config.json", "its encoder and decoder differ in heads or "
+                           "feed-forward size, which DETR's code does not allow")
+    record = {"nheads": heads, "dilation": dilation, "backbone": backbone}
+    return HFCheckpoint(folder, weights, variant, timm, record, labels)
 
 
-def checkpoint_variant(path: str | os.PathLike[str]) -> str:
+def _labels(config: dict[str, Any], source: Path) -> tuple[str, ...] | None:
+    """id2label's names in id order; None for transformers' placeholders (LABEL_0, ...)."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except ValueError:
+        raise _unsupported(source, "its id2label has ids that are not integers") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise _unsupported(source, "its id2label ids are not 0, 1, 2, ... without gaps")
+    names = tuple(by_id[i] for i in range(len(by_id)))
+    return None if names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
+
+
+def checkpoint_variant(path: str | os.PathLike[str]) -> str | None:
     """The variant (e.g. ``"detr_resnet101_dc5"``) of the Hugging Face checkpoint at ``path``,
-    from its config.json; typed errors as :func:`open_checkpoint`."""
+    from its config.json (None for a fine-tuned DETR of other sizes); typed errors as
+    :func:`open_checkpoint`."""
     return open_checkpoint(path).variant
 
 
 def read_config(path: Path, weights: Path) -> dict[str, Any]:
-    """config.json at ``path`` (of the checkpoint ``weights``) as a dict, vetted to be a COCO
-    DETR detector: 91 classes, 100 queries, the released transformer sizes."""
+    """config.json at ``path`` (of the checkpoint ``weights``) as a dict, vetted to be a DETR
+    detector detr-viz can rebuild (any sizes; ReLU, sine positions, RGB input)."""
     if not path.is_file():
         raise WeightsUnavailableError(
             f"{weights} has no config.json beside it, so its variant (backbone, DC5) is "
@@ -122,8 +152,9 @@ def read_config(path: Path, weights: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("model_type") != "detr":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise NotADetrCheckpointError(
-            f"{path} describes a {kind or 'non-transformers'} model, not DETR (model_type "
-            '"detr"); detr-viz loads facebook/detr-resnet-50 and its siblings.'
+            f"{path} describes a {kind or 'non-transformers'} model, not one detr-viz "
+            f"explains. Supported: {SUPPORTED}, such as facebook/detr-resnet-50 and DETRs "
+            "fine-tuned from it."
         )
     architectures = config.get("architectures") or ["DetrForObjectDetection"]
     if "DetrForObjectDetection" not in architectures:
@@ -131,15 +162,11 @@ def read_config(path: Path, weights: Path) -> dict[str, Any]:
             f"{path} describes a {', '.join(map(str, architectures))}, not the DETR detector "
             "(DetrForObjectDetection) detr-viz shows."
         )
-    id2label = config.get("id2label")
-    labels = len(id2label) if isinstance(id2label, dict) else config.get("num_labels", 2)
-    wrong = [f"num_labels is {labels}, not 91"] if labels != 91 else []
-    wrong += [f"{k} is {config[k]!r}, not {v!r}" for k, v in _REQUIRED.items()
-              if config.get(k, v) != v]
+    wrong = [f"{k} is {config[k]!r}, not {v!r}" for k, v in _REQUIRED.items()
+             if config.get(k, v) != v]
     if wrong:
         raise WrongVariantError(
-            f"{path} is a DETR, but not one of the released COCO models detr-viz supports "
-            f"(91 classes, 100 queries, 6+6 layers of 8 heads): {'; '.join(wrong)}."
+            f"{path} is a DETR detr-viz cannot rebuild: {'; '.join(wrong)}."
         )
     return config
 
@@ -195,8 +222,9 @@ def _check_last_stage(spec: dict[str, Any], source: Path, stage: str) -> None:
 
 def _unsupported(source: Path, why: str) -> WrongVariantError:
     return WrongVariantError(
-        f"{source} is a DETR config detr-viz cannot reproduce: {why}. Supported are the four "
-        f"released models ({', '.join(HF_REPOS.values())})."
+        f"{source} is a DETR config detr-viz cannot reproduce: {why}. Supported are DETRs "
+        f"with a ResNet-50 or -101 backbone, like the released models "
+        f"({', '.join(HF_REPOS.values())}) and those fine-tuned from them."
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from detr_viz.coco import COCO_CLASSES
 from detr_viz.errors import ArgumentError
+from detr_viz.spec import class_name
 
 TOP = 5  # class probabilities kept per match
 IOU_TIE = 0.01  # IoUs this close rank by the expected class's probability instead
@@ -62,15 +63,18 @@ def iou(boxes: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def class_label(label: int | str) -> int:
-    """A COCO label id from an id or a class name (see :data:`COCO_CLASSES`)."""
+def class_label(label: int | str, labels: tuple[str, ...] = COCO_CLASSES) -> int:
+    """A class id from an id or a class name of ``labels`` (default :data:`COCO_CLASSES`)."""
     if isinstance(label, str):
-        if label == "N/A" or label not in COCO_CLASSES:
-            raise ArgumentError(f"'{label}' is not a COCO class; use one of the names in "
-                                "detr_viz.COCO_CLASSES (e.g. 'dog') or a label id.")
-        return COCO_CLASSES.index(label)
-    if not 0 <= int(label) < len(COCO_CLASSES):
-        raise ArgumentError(f"class {label} is out of range (0..{len(COCO_CLASSES) - 1}).")
+        if label == "N/A" or label not in labels:
+            known = "detr_viz.COCO_CLASSES (e.g. 'dog')" if labels == COCO_CLASSES else \
+                "the model's labels (" + ", ".join(labels[:5]) + (", ..." if len(labels) > 5
+                                                                   else "") + ")"
+            raise ArgumentError(f"'{label}' is not a class of this model; use one of the names "
+                                f"in {known} or a label id.")
+        return labels.index(label)
+    if not 0 <= int(label) < len(labels):
+        raise ArgumentError(f"class {label} is out of range (0..{len(labels) - 1}).")
     return int(label)
 
 
@@ -89,29 +93,32 @@ def checked_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]
 
 
 def match_box(boxes: np.ndarray, probabilities: np.ndarray, box, size: tuple[int, int],
-              label: int | str | None = None, k: int = 3) -> list[BoxMatch]:
+              label: int | str | None = None, k: int = 3,
+              labels: tuple[str, ...] = COCO_CLASSES) -> list[BoxMatch]:
     """The ``k`` queries whose boxes best match ``box`` (xyxy photo pixels, photo ``size``).
 
-    ``boxes``: (Q, 4) xyxy photo pixels; ``probabilities``: (Q, 91) without "no object".
+    ``boxes``: (Q, 4) xyxy photo pixels; ``probabilities``: (Q, C) without "no object";
+    ``labels``: the C class names.
     Ranked by IoU; IoUs within :data:`IOU_TIE` of each other (rounded) rank by the probability
     of ``label`` (default: the query's best class). Queries with IoU 0 are never returned.
     """
     if int(k) < 1:
         raise ArgumentError(f"k must be at least 1, not {k}.")
     box = checked_box(box, size)
-    expected = None if label is None else class_label(label)
+    expected = None if label is None else class_label(label, labels)
     overlap = iou(boxes, box)
     p = probabilities.max(axis=1) if expected is None else probabilities[:, expected]
     order = np.lexsort((-p, -np.round(overlap / IOU_TIE)))
-    return [_match(q, boxes, probabilities, overlap, expected)
+    return [_match(q, boxes, probabilities, overlap, expected, labels)
             for q in order[:int(k)] if overlap[q] > 0]
 
 
-def _match(q: int, boxes, probabilities, overlap, expected: int | None) -> BoxMatch:
+def _match(q: int, boxes, probabilities, overlap, expected: int | None,
+           labels: tuple[str, ...]) -> BoxMatch:
     row = probabilities[q].astype(np.float64)
-    top = tuple((int(c), COCO_CLASSES[c], float(row[c]))
+    top = tuple((int(c), class_name(labels, int(c)), float(row[c]))
                 for c in np.argsort(-row, kind="stable")[:TOP])
-    wanted = None if expected is None else (expected, COCO_CLASSES[expected],
+    wanted = None if expected is None else (expected, class_name(labels, expected),
                                             float(row[expected]))
     return BoxMatch(int(q), tuple(float(v) for v in boxes[q]), float(overlap[q]), top, wanted,
                     float(max(0.0, 1.0 - row.sum())))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from detr_viz.attention import MultiheadAttention, observed
 from detr_viz.errors import ArgumentError
 from detr_viz.resnet import ResNet
+from detr_viz.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -236,15 +237,17 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DETR's encoder-decoder (d_model 256, 8 heads, 6 + 6 layers, post-norm)."""
+    """DETR's encoder-decoder, post-norm (released models: d_model 256, 8 heads, 6 + 6 layers)."""
 
-    def __init__(self, d_model=256, nhead=8, num_layers=6, dim_feedforward=2048):
+    def __init__(self, d_model=256, nhead=8, num_layers=6, dim_feedforward=2048,
+                 num_decoder_layers: int | None = None):
         super().__init__()
         self.encoder = TransformerEncoder(
             num_layers, d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward
         )
         self.decoder = TransformerDecoder(
-            num_layers, d_model, nhead=nhead, dim_feedforward=dim_feedforward
+            num_layers if num_decoder_layers is None else num_decoder_layers, d_model,
+            nhead=nhead, dim_feedforward=dim_feedforward,
         )
         self.d_model = d_model
         self.nhead = nhead
@@ -283,15 +286,27 @@ class MLP(nn.Module):
 
 
 class DETR(nn.Module):
-    """The detector: backbone + transformer + class and box heads (100 queries, 91 classes)."""
+    """The detector: backbone + transformer + class and box heads.
 
-    def __init__(self, variant: Variant, num_classes: int = 91, num_queries: int = 100):
+    Built from a :class:`~detr_viz.spec.ModelSpec` (any size the DETR code allows: classes,
+    queries, layers, heads, hidden and feed-forward sizes, R50 or R101, DC5 or not), or from a
+    released :class:`Variant` (91 COCO classes, 100 queries, 6 + 6 layers of 8 heads).
+    """
+
+    def __init__(self, spec: ModelSpec | Variant):
         super().__init__()
-        self.variant = variant
-        self.num_queries = num_queries
-        self.transformer = Transformer()
+        if isinstance(spec, Variant):
+            spec = ModelSpec(backbone=spec.backbone, dilation=spec.dilation, name=spec.name,
+                             official=spec.name in VARIANTS)
+        self.spec = spec
+        self.variant = VARIANTS.get(spec.name) if spec.official else None
+        if self.variant is None:
+            self.variant = Variant(spec.name, spec.backbone, spec.dilation, "")
+        num_queries = self.num_queries = spec.num_queries
+        self.transformer = Transformer(spec.d_model, spec.heads, spec.encoder_layers,
+                                       spec.ffn_dim, spec.decoder_layers)
         hidden_dim = self.transformer.d_model
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = nn.Linear(hidden_dim, spec.num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         # normal_ on the meta device (the shapes check of detr_viz.weights builds one there)
         # dispatches through torch._refs, which imports torch._dynamo: 1.4 s of a cold start
@@ -299,7 +314,7 @@ class DETR(nn.Module):
         if queries.device.type != "meta":
             nn.init.normal_(queries)  # nn.Embedding's own initialisation
         self.query_embed = nn.Embedding(num_queries, hidden_dim, _weight=queries)
-        backbone = Backbone(variant.backbone, variant.dilation)
+        backbone = Backbone(spec.backbone, spec.dilation)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2))
 
@@ -315,8 +330,9 @@ class DETR(nn.Module):
     def forward(self, samples: NestedTensor | Tensor | list[Tensor]) -> dict[str, Tensor]:
         """samples: (B, 3, H, W) normalised images, a list of (3, H_i, W_i), or a NestedTensor.
 
-        Returns ``pred_logits`` (B, 100, 92; index 91 is "no object") and ``pred_boxes``
-        (B, 100, 4; normalised cx, cy, w, h relative to the unpadded image).
+        Returns ``pred_logits`` (B, Q, C + 1; the last index is "no object"; Q queries and C
+        classes, 100 and 91 for the released models) and ``pred_boxes`` (B, Q, 4; normalised
+        cx, cy, w, h relative to the unpadded image).
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
@@ -329,11 +345,10 @@ class DETR(nn.Module):
         }
 
 
-def build_model(variant: str = DEFAULT_VARIANT) -> DETR:
-    """A randomly initialised DETR of the named variant, in eval mode; never touches the network.
-
-    Load real weights with :func:`detr_viz.load_model`.
+def build_model(variant: str | ModelSpec = DEFAULT_VARIANT) -> DETR:
+    """A randomly initialised DETR of the named variant (or of ``spec``, any size), in eval
+    mode; never touches the network. Load real weights with :func:`detr_viz.load_model`.
     """
-    model = DETR(get_variant(variant))
+    model = DETR(variant if isinstance(variant, ModelSpec) else get_variant(variant))
     model.requires_grad_(False)
     return model.eval()

@@ -16,17 +16,20 @@ loading: a foreign, damaged or wrong-variant file raises a typed
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
 import pickle
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from detr_viz.checkpoint_spec import detection_state, detr_spec
 from detr_viz.device import describe_device, resolve_device
 from detr_viz.download import (
     Progress,
@@ -59,7 +62,9 @@ from detr_viz.lookup import (
     hf_checkpoint_candidates,
     hub_checkpoint_dir,
 )
+from detr_viz.labels import Labels, read_labels
 from detr_viz.model import DEFAULT_VARIANT, DETR, VARIANTS, Variant, build_model, get_variant
+from detr_viz.spec import ModelSpec, official_spec
 
 Downloader = Callable[[str, Path, Progress | None], Path]  # (url, dest, progress) -> dest
 Shapes = dict[str, tuple[int, ...]]
@@ -74,6 +79,7 @@ __all__ = [  # with names kept here from detr_viz.lookup and detr_viz.hf_checkpo
     "checkpoint_provenance",
     "checkpoint_url",
     "checkpoint_variant",
+    "describe_checkpoint",
     "describe_sources",
     "find_checkpoint",
     "hf_checkpoint_candidates",
@@ -82,6 +88,8 @@ __all__ = [  # with names kept here from detr_viz.lookup and detr_viz.hf_checkpo
     "load_checkpoint",
     "load_model",
     "read_checkpoint",
+    "read_model",
+    "read_training_checkpoint",
     "resolve_checkpoint",
 ]
 
@@ -93,12 +101,23 @@ def load_model(
     *,
     download: bool | Downloader | None = None,
     device: str | torch.device | None = None,
+    labels: Labels | None = None,
+    heads: int | None = None,
+    dilation: bool | None = None,
 ) -> DETR:
-    """``variant`` with its weights loaded (``strict=True``), in eval mode, on ``device``.
+    """A DETR with its weights loaded (``strict=True``), in eval mode, on ``device``; its
+    :class:`~detr_viz.spec.ModelSpec` is ``model.spec``.
 
-    ``variant`` None means the variant of ``checkpoint`` when that is a Hugging Face checkpoint
-    (from its config.json), else ``"detr_resnet50"``; a given variant that the Hugging Face
-    config contradicts raises :class:`WrongVariantError` naming the right one.
+    ``variant`` names a released COCO model (``"detr_resnet50"``, ...): its official weights,
+    or ``checkpoint`` vetted to be that variant's. ``variant`` None with a ``checkpoint``: any
+    DETR that checkpoint holds, fine-tuned ones included (any number of classes, queries,
+    layers, heads and sizes; R50 or R101; DC5 or not), described by
+    :func:`describe_checkpoint`; a Hugging Face folder's config.json, or a DETR training
+    checkpoint's ``args``, says what its shapes cannot. ``heads`` and ``dilation`` fill in what
+    such a checkpoint does not record (default 8 heads, no DC5, listed in ``spec.assumed``).
+    ``labels``: class names, a path to a labels file or a list (see
+    :func:`detr_viz.labels.read_labels`); default: the checkpoint's own, COCO's for 91 classes,
+    else "class 7". Neither given: ``"detr_resnet50"``.
     ``download``: None or True uses :func:`download_checkpoint`; False never downloads (a missing
     file raises :class:`WeightsUnavailableError`); a callable ``(url, dest, progress) -> path``
     replaces the downloader. ``progress(done, total)`` reports download bytes.
@@ -108,15 +127,82 @@ def load_model(
     read back with :func:`detr_viz.device.model_device`; analyses of the model are CPU records.
     """
     target = resolve_device(device if device is not None else os.environ.get(DEVICE_ENV) or None)
-    if variant is None:
-        hf = checkpoint is not None and is_hf_checkpoint(Path(checkpoint).expanduser())
-        variant = checkpoint_variant(Path(checkpoint).expanduser()) if hf else DEFAULT_VARIANT
-    path = resolve_checkpoint(variant, checkpoint, progress, download=download)
-    state = load_checkpoint(path, variant)
-    model = build_model(variant)
+    if variant is None and checkpoint is not None:
+        path = resolve_checkpoint(DEFAULT_VARIANT, checkpoint)
+        spec, state = read_model(path, labels=labels, heads=heads, dilation=dilation)
+    else:
+        variant = variant or DEFAULT_VARIANT
+        path = resolve_checkpoint(variant, checkpoint, progress, download=download)
+        state = load_checkpoint(path, variant)
+        spec = _official(variant, str(path), labels, heads, dilation)
+    model = build_model(spec)
     model.load_state_dict(state, strict=True)
-    LOG.info("detr-viz runs %s on %s", variant, describe_device(target))
+    LOG.info("detr-viz runs %s on %s", spec.title, describe_device(target))
     return model.to(target).eval()
+
+
+def describe_checkpoint(
+    path: str | os.PathLike[str], *, labels: Labels | None = None, heads: int | None = None,
+    dilation: bool | None = None,
+) -> ModelSpec:
+    """What the checkpoint at ``path`` holds (family, sizes, classes, labels), vetted as
+    :func:`load_model` vets it, without building the model."""
+    return read_model(Path(path).expanduser(), labels=labels, heads=heads, dilation=dilation)[0]
+
+
+def read_model(
+    path: Path, *, labels: Labels | None = None, heads: int | None = None,
+    dilation: bool | None = None,
+) -> tuple[ModelSpec, dict[str, Tensor]]:
+    """(spec, state dict under the official names) of the DETR checkpoint at ``path``: a
+    released file (by its official name), a DETR training or state-dict ``.pth``, or a
+    Hugging Face folder (or its weights file)."""
+    if is_hf_checkpoint(path):
+        hf = open_checkpoint(path)
+        if hf.variant is not None:  # a transformers port of a released model
+            state = _load_hf_checkpoint(path, hf.variant)
+            return _official(hf.variant, str(path), labels, heads, dilation), state
+        raw = read_safetensors(hf.weights) if hf.weights.suffix == ".safetensors" else \
+            read_checkpoint(hf.weights)
+        state = detection_state(to_detr_state_dict(raw, timm_backbone=hf.timm_backbone))
+        spec = detr_spec(state, name=hf.folder.name, source=str(path), record=hf.record,
+                         heads=heads, dilation=dilation, labels=labels,
+                         record_labels=hf.labels)
+        return spec, _vetted(state, spec)
+    owner = next((n for n, v in VARIANTS.items() if v.checkpoint == path.name), None)
+    if owner is not None:  # a released file, by its name: DC5 or not is known
+        state = load_checkpoint(path, owner)
+        return _official(owner, str(path), labels, heads, dilation), state
+    state, record = read_training_checkpoint(path)
+    state = detection_state(state)
+    spec = detr_spec(state, name=path.stem, source=str(path), record=record, heads=heads,
+                     dilation=dilation, labels=labels)
+    return spec, _vetted(state, spec)
+
+
+def _official(variant: str, source: str, labels: Labels | None, heads: int | None,
+              dilation: bool | None) -> ModelSpec:
+    spec = official_spec(variant)
+    if heads not in (None, spec.heads) or dilation not in (None, spec.dilation):
+        raise WrongVariantError(
+            f"{source} is the released {variant} ({spec.heads} heads, "
+            f"{'DC5' if spec.dilation else 'no DC5'}); leave heads and dilation empty.")
+    names = read_labels(labels, spec.num_classes) if labels is not None else spec.labels
+    return replace(spec, labels=names, source=source)
+
+
+def _vetted(state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
+    """``state`` if its keys and shapes are exactly those of a DETR built from ``spec``."""
+    with torch.device("meta"):
+        expected = {k: tuple(t.shape) for k, t in DETR(spec).state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in state.items()}
+    if actual != expected:
+        diffs = _differences(actual, expected)
+        raise WrongVariantError(
+            f"{spec.source} looks like a {spec.architecture} but does not fit one: "
+            + "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            + ".")
+    return state
 
 
 def is_official_release(path: str | os.PathLike[str], variant: str) -> bool:
@@ -210,6 +296,12 @@ def load_checkpoint(path: str | os.PathLike[str], variant: str) -> dict[str, Ten
 
 def _load_hf_checkpoint(path: Path, variant: str) -> dict[str, Tensor]:
     hf = open_checkpoint(path)
+    if hf.variant is None:
+        raise WrongVariantError(
+            f"{hf.folder} is a fine-tuned DETR (its config.json has other classes, queries or "
+            f"sizes than the released {variant}); load it by its path alone: "
+            "load_model(checkpoint=...), or pick it as a checkpoint on the page."
+        )
     if hf.variant != variant:
         raise WrongVariantError(
             f"{hf.folder} is a Hugging Face checkpoint of {hf.variant} ({_label(hf.variant)}"
@@ -227,11 +319,22 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
     Always ``torch.load(weights_only=True)``: a file holding code is refused, never run.
     """
+    return read_training_checkpoint(path)[0]
+
+
+def read_training_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict]:
+    """(state dict, record) of ``path``: the record is the DETR repository's ``args`` saved
+    beside ``model`` in a training checkpoint, as a dict (empty when there is none).
+
+    ``torch.load(weights_only=True)``, with ``argparse.Namespace`` (built from plain values
+    only) the one class allowed beyond plain containers and tensors: code is refused, never run.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path} is not a checkpoint file (missing or a folder).")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported operand" in str(exc):  # garbled, or pickle protocol 4/5 opcodes
             raise CorruptCheckpointError(
@@ -247,7 +350,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise WeightsUnavailableError(f"Cannot read {path}: {exc}") from exc
     except Exception as exc:  # torch.load reports damage as RuntimeError, EOFError, KeyError...
         raise _corrupt(path) from exc
-    return _state_dict_of(obj, path)
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    record = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool)} \
+        if isinstance(args, argparse.Namespace) else {}
+    return _state_dict_of(obj, path), record
 
 
 def _corrupt(path: Path) -> CorruptCheckpointError:

@@ -101,7 +101,7 @@ def test_queries_without_overlap_are_not_matches():
     ((500, 500, 600, 600), None, 3, "no area"),
     ((0, 0, float("nan"), 5), None, 3, "four finite numbers"),
     ((0, 0, 5), None, 3, "four finite numbers"),
-    ((0, 0, 50, 50), "unicorn", 3, "not a COCO class"),
+    ((0, 0, 50, 50), "unicorn", 3, "not a class of this model"),
     ((0, 0, 50, 50), 91, 3, "out of range"),
     ((0, 0, 50, 50), None, 0, "at least 1"),
 ])
