@@ -53,6 +53,7 @@ from detr_viz.hf_checkpoint import (
     read_safetensors,
 )
 from detr_viz.hf_keys import to_detr_state_dict
+from detr_viz.labels import Labels, read_labels
 from detr_viz.lookup import (
     checkpoint_candidates,
     checkpoint_url,
@@ -62,7 +63,6 @@ from detr_viz.lookup import (
     hf_checkpoint_candidates,
     hub_checkpoint_dir,
 )
-from detr_viz.labels import Labels, read_labels
 from detr_viz.model import DEFAULT_VARIANT, DETR, VARIANTS, Variant, build_model, get_variant
 from detr_viz.spec import ModelSpec, official_spec
 
