@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -228,9 +229,14 @@ def _unsupported(source: Path, why: str) -> WrongVariantError:
     )
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors in a ``.safetensors`` file (CPU); damage raises CorruptCheckpointError."""
+def read_safetensors(path: Path, *, shapes_only: bool = False) -> dict[str, Tensor]:
+    """The tensors in a ``.safetensors`` file (CPU; ``shapes_only``: empty tensors of their
+    shapes on the meta device, from the header alone); damage raises CorruptCheckpointError."""
     try:
+        if shapes_only:
+            with safe_open(path, framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                        for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CorruptCheckpointError(
@@ -257,7 +263,13 @@ def cached_snapshot(variant: str) -> Path | None:
 
     Layout: ``<hub cache>/models--facebook--detr-resnet-50/snapshots/<revision>/``.
     """
-    repo = hub_cache_dir() / ("models--" + HF_REPOS[variant].replace("/", "--"))
+    repo = "models--" + HF_REPOS[variant].replace("/", "--")
+    return cached_repo_snapshot(hub_cache_dir() / repo)
+
+
+def cached_repo_snapshot(repo: Path) -> Path | None:
+    """The snapshot of the hub-cache repository folder ``repo`` (``models--org--name``) that
+    :func:`cached_snapshot` would choose, or None."""
     try:
         snapshots = sorted((repo / "snapshots").iterdir(), key=_mtime, reverse=True)
     except OSError:  # not in the cache

@@ -16,13 +16,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from detr_viz.errors import ArgumentError
 
-Labels = str | os.PathLike[str] | Sequence[str] | Mapping[int, str]
 MISSING = "N/A"
+
+
+@dataclass(frozen=True)
+class LabelsFile:
+    """A labels file's name and contents, as an upload gives them (no path on disk)."""
+
+    name: str
+    text: str
+
+
+Labels = str | os.PathLike[str] | LabelsFile | Sequence[str] | Mapping[int, str]
 
 
 def default_labels(num_classes: int) -> tuple[str, ...]:
@@ -32,7 +43,10 @@ def default_labels(num_classes: int) -> tuple[str, ...]:
 
 def read_labels(labels: Labels, num_classes: int, source: str | None = None) -> tuple[str, ...]:
     """One name per classifier output (``num_classes`` of them) from ``labels``: a path to a
-    labels file, a list of names, or an id -> name map (see the module docstring)."""
+    labels file (or its :class:`LabelsFile`), a list of names, or an id -> name map (see the
+    module docstring)."""
+    if isinstance(labels, LabelsFile):
+        return parse_labels(labels.text, labels.name, num_classes)
     if isinstance(labels, str | os.PathLike):
         path = Path(labels).expanduser()
         try:

@@ -16,19 +16,18 @@ loading: a foreign, damaged or wrong-variant file raises a typed
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
-import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from detr_viz.checkpoint_file import read_checkpoint, read_training_checkpoint
 from detr_viz.checkpoint_spec import detection_state, detr_spec
 from detr_viz.device import describe_device, resolve_device
 from detr_viz.download import (
@@ -40,9 +39,7 @@ from detr_viz.download import (
     verify_hash,
 )
 from detr_viz.errors import (
-    CorruptCheckpointError,
     NotADetrCheckpointError,
-    UnsafeCheckpointError,
     WeightsUnavailableError,
     WrongVariantError,
 )
@@ -143,27 +140,31 @@ def load_model(
 
 def describe_checkpoint(
     path: str | os.PathLike[str], *, labels: Labels | None = None, heads: int | None = None,
-    dilation: bool | None = None,
+    dilation: bool | None = None, peek: bool = False,
 ) -> ModelSpec:
     """What the checkpoint at ``path`` holds (family, sizes, classes, labels), vetted as
-    :func:`load_model` vets it, without building the model."""
-    return read_model(Path(path).expanduser(), labels=labels, heads=heads, dilation=dilation)[0]
+    :func:`load_model` vets it, without building the model. ``peek``: read shapes only where
+    the file format allows (memory-mapped ``.pth``, safetensors headers)."""
+    path = Path(path).expanduser()
+    return read_model(path, labels=labels, heads=heads, dilation=dilation, peek=peek)[0]
 
 
 def read_model(
     path: Path, *, labels: Labels | None = None, heads: int | None = None,
-    dilation: bool | None = None,
+    dilation: bool | None = None, peek: bool = False,
 ) -> tuple[ModelSpec, dict[str, Tensor]]:
     """(spec, state dict under the official names) of the DETR checkpoint at ``path``: a
     released file (by its official name), a DETR training or state-dict ``.pth``, or a
-    Hugging Face folder (or its weights file)."""
+    Hugging Face folder (or its weights file). ``peek``: see :func:`describe_checkpoint` (the
+    state dict then holds shapes only, or nothing for a released model)."""
     if is_hf_checkpoint(path):
         hf = open_checkpoint(path)
         if hf.variant is not None:  # a transformers port of a released model
-            state = _load_hf_checkpoint(path, hf.variant)
+            state = {} if peek else _load_hf_checkpoint(path, hf.variant)
             return _official(hf.variant, str(path), labels, heads, dilation), state
-        raw = read_safetensors(hf.weights) if hf.weights.suffix == ".safetensors" else \
-            read_checkpoint(hf.weights)
+        raw = read_safetensors(hf.weights, shapes_only=peek) if \
+            hf.weights.suffix == ".safetensors" else read_training_checkpoint(hf.weights,
+                                                                              mmap=peek)[0]
         state = detection_state(to_detr_state_dict(raw, timm_backbone=hf.timm_backbone))
         spec = detr_spec(state, name=hf.folder.name, source=str(path), record=hf.record,
                          heads=heads, dilation=dilation, labels=labels,
@@ -171,9 +172,9 @@ def read_model(
         return spec, _vetted(state, spec)
     owner = next((n for n, v in VARIANTS.items() if v.checkpoint == path.name), None)
     if owner is not None:  # a released file, by its name: DC5 or not is known
-        state = load_checkpoint(path, owner)
+        state = {} if peek else load_checkpoint(path, owner)
         return _official(owner, str(path), labels, heads, dilation), state
-    state, record = read_training_checkpoint(path)
+    state, record = read_training_checkpoint(path, mmap=peek)
     state = detection_state(state)
     spec = detr_spec(state, name=path.stem, source=str(path), record=record, heads=heads,
                      dilation=dilation, labels=labels)
@@ -312,70 +313,6 @@ def _load_hf_checkpoint(path: Path, variant: str) -> dict[str, Tensor]:
     raw = read_safetensors(hf.weights) if is_safetensors else read_checkpoint(hf.weights)
     state = to_detr_state_dict(raw, timm_backbone=hf.timm_backbone)
     return check_state_dict(state, variant, source=str(hf.weights))
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The state dict (name -> CPU tensor) in ``path``, bare or under the key ``"model"``.
-
-    Always ``torch.load(weights_only=True)``: a file holding code is refused, never run.
-    """
-    return read_training_checkpoint(path)[0]
-
-
-def read_training_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict]:
-    """(state dict, record) of ``path``: the record is the DETR repository's ``args`` saved
-    beside ``model`` in a training checkpoint, as a dict (empty when there is none).
-
-    ``torch.load(weights_only=True)``, with ``argparse.Namespace`` (built from plain values
-    only) the one class allowed beyond plain containers and tensors: code is refused, never run.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{path} is not a checkpoint file (missing or a folder).")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported operand" in str(exc):  # garbled, or pickle protocol 4/5 opcodes
-            raise CorruptCheckpointError(
-                f"{path} cannot be read safely ({path.stat().st_size} bytes): it is damaged (then"
-                " delete it and download again), or it was saved with a pickle protocol the safe"
-                " loader does not read (then re-save it with torch.save's default protocol)."
-            ) from exc
-        raise UnsafeCheckpointError(
-            f"Refused to load {path}: it contains code, not just weights; detr-viz never runs "
-            "code from checkpoint files. Use a checkpoint that holds only a state dict."
-        ) from exc
-    except OSError as exc:
-        raise WeightsUnavailableError(f"Cannot read {path}: {exc}") from exc
-    except Exception as exc:  # torch.load reports damage as RuntimeError, EOFError, KeyError...
-        raise _corrupt(path) from exc
-    args = obj.get("args") if isinstance(obj, Mapping) else None
-    record = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool)} \
-        if isinstance(args, argparse.Namespace) else {}
-    return _state_dict_of(obj, path), record
-
-
-def _corrupt(path: Path) -> CorruptCheckpointError:
-    size = path.stat().st_size
-    return CorruptCheckpointError(
-        f"{path} is damaged or incomplete ({size} bytes); delete it and download again."
-    )
-
-
-def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
-    if (
-        isinstance(state, Mapping)
-        and state
-        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
-    ):
-        return dict(state)
-    keys = f" with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping) else ""
-    raise NotADetrCheckpointError(
-        f"{path} holds a {type(obj).__name__}{keys}, not a DETR state dict (a dict of tensors, "
-        'bare or under the key "model").'
-    )
 
 
 def _shapes_of(variant: str) -> Shapes:
