@@ -51,9 +51,7 @@ def candidates() -> list[Path]:
         if is_complete(folder):
             out.append(folder)
         for entry in sorted(folder.iterdir()):
-            if entry.is_dir() and is_complete(entry):
-                out.append(entry)
-            elif entry.is_file() and entry.suffix in SUFFIXES and entry.name not in \
+            if entry.is_dir() and is_complete(entry) or entry.is_file() and entry.suffix in SUFFIXES and entry.name not in \
                     OFFICIAL_FILES and entry.name not in WEIGHT_FILES:
                 out.append(entry)
     cache = hub_cache_dir()
