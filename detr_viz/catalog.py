@@ -51,8 +51,7 @@ def candidates() -> list[Path]:
         if is_complete(folder):
             out.append(folder)
         for entry in sorted(folder.iterdir()):
-            if entry.is_dir() and is_complete(entry) or entry.is_file() and entry.suffix in SUFFIXES and entry.name not in \
-                    OFFICIAL_FILES and entry.name not in WEIGHT_FILES:
+            if _offered(entry):
                 out.append(entry)
     cache = hub_cache_dir()
     if cache.is_dir():
@@ -63,6 +62,13 @@ def candidates() -> list[Path]:
             if snapshot is not None:
                 out.append(snapshot)
     return out
+
+
+def _offered(entry: Path) -> bool:
+    """A Hugging Face folder, or a checkpoint file that is not a released one."""
+    if entry.is_dir():
+        return is_complete(entry)
+    return entry.suffix in SUFFIXES and entry.name not in OFFICIAL_FILES | set(WEIGHT_FILES)
 
 
 def find_checkpoints() -> list[Found]:
