@@ -36,6 +36,14 @@ PROVENANCE = {
 
 
 def provenance_note(run: Run) -> None:
+    spec = run.spec
+    if not spec.official:
+        st.caption(f"Checkpoint: {spec.title}, from {spec.source}.")
+        if spec.assumed:
+            st.warning("The checkpoint does not record everything; assumed: "
+                       + "; ".join(spec.assumed) + ". If that is wrong, set it in the sidebar "
+                       "(What the checkpoint may not record, Class names).")
+        return
     kind = resources.get_provenance(run.variant, run.checkpoint)
     if kind == "other":
         st.warning(PROVENANCE["other"].format(checkpoint=run.checkpoint, variant=run.variant))
@@ -49,7 +57,7 @@ def summary(run: Run, name: str, threshold: float, count_slot) -> None:
     count_slot.caption(f"**{len(a.detections(threshold))}** of {a.num_queries} queries above "
                        f"{threshold:.2f}")
     st.caption(f"{name}: {w}x{h} px -> model input {wi}x{hi} -> feature grid {fh}x{fw} "
-               f"(stride {a.stride}) - {a.variant}")
+               f"(stride {a.stride}) - {a.spec.title}")
 
 
 def view_now(controls: Controls, points: list[tuple[float, float]]) -> export.View:
@@ -68,9 +76,13 @@ def main() -> None:
                "and the encoder around any point you click.")
     controls, count_slot = sidebar()
     data, name = choose_photo()
+    if controls.model is None:
+        st.info("Type the path of a checkpoint in the sidebar (a DETR training .pth, a state "
+                "dict, or a Hugging Face folder), or pick one from the list.")
+        return
     try:
         photo = resources.get_photo(hashlib.sha256(data).hexdigest(), data)
-        run = resources.get_run(photo, controls.variant)
+        run = resources.get_run(photo, controls.model)
         other = resources.get_run(photo, controls.other) if controls.other else None
     except DetrVizError as error:
         st.error(str(error))
@@ -89,7 +101,7 @@ def main() -> None:
     st.subheader("Encoder: attention around a point")
     encoder_section(run, photo, threshold, method, style, points, linked=other is not None)
     if other is not None:
-        st.subheader(f"Side by side: {run.variant} and {other.variant}")
+        st.subheader(f"Side by side: {run.spec.short} and {other.spec.short}")
         compare_section(run, other, photo, threshold, method, style, points)
     st.subheader("Debugging: every object, a missed object, box edges, sanity")
     debugging_section(run, photo, threshold, method, style)

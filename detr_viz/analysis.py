@@ -233,14 +233,14 @@ def analyze(
         stride=model.stride,
     )
     probabilities = outputs["pred_logits"][0].softmax(-1)[:, :-1]
-    layers = range(cap.num_layers)
+    encoder, decoder = range(cap.num_layers), range(cap.decoder_depth)
     return Analysis(
         spec=model.spec,
         grid=grid,
         probabilities=_frozen(probabilities.numpy()),
         boxes=_frozen(outputs["pred_boxes"][0].numpy()),
-        encoder=tuple(cap.encoder_layer(i) for i in layers),
-        decoder=tuple(cap.decoder_layer(i) for i in layers),
-        decoder_self=tuple(cap.decoder_self_layer(i) for i in layers),
+        encoder=tuple(cap.encoder_layer(i) for i in encoder),
+        decoder=tuple(cap.decoder_layer(i) for i in decoder),
+        decoder_self=tuple(cap.decoder_self_layer(i) for i in decoder),
         inputs=cap.inputs,
     )

@@ -185,14 +185,15 @@ class Capture:
     ``features``: CNN feature map (B, 2048, h, w), or None if not requested;
     ``feature_mask``: (B, h, w) bool, True on padding;
     ``encoder`` / ``decoder`` / ``decoder_self``: layer index -> :class:`AttentionFactors` of
-    the encoder self-attention, the decoder cross-attention (100 queries over h * w cells) and
-    the decoder self-attention (100 x 100); ``inputs``: the transformer's
+    the encoder self-attention, the decoder cross-attention (Q queries over h * w cells) and
+    the decoder self-attention (Q x Q); ``inputs``: the transformer's
     :class:`TransformerInputs`; ``live``: with ``capture(live=True)``, (part, layer) -> the
     :class:`~detr_viz.attention.Fused` tensors as computed (part in "encoder", "decoder",
     "decoder_self"); ``calls``: backbone forward passes seen.
     """
 
-    num_layers: int
+    num_layers: int  # encoder layers
+    num_decoder_layers: int | None = None  # None: as many as the encoder's
     features: Tensor | None = None
     feature_mask: Tensor | None = None
     encoder: dict[int, AttentionFactors] = field(default_factory=dict)
@@ -202,20 +203,24 @@ class Capture:
     live: dict[tuple[str, int], Fused] = field(default_factory=dict)
     calls: int = 0
 
+    @property
+    def decoder_depth(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
     def encoder_layer(self, layer: int) -> AttentionFactors:
-        return self._layer(self.encoder, layer, "encoder")
+        return self._layer(self.encoder, layer, "encoder", self.num_layers)
 
     def decoder_layer(self, layer: int) -> AttentionFactors:
-        return self._layer(self.decoder, layer, "decoder")
+        return self._layer(self.decoder, layer, "decoder", self.decoder_depth)
 
     def decoder_self_layer(self, layer: int) -> AttentionFactors:
-        return self._layer(self.decoder_self, layer, "decoder self-attention")
+        return self._layer(self.decoder_self, layer, "decoder self-attention",
+                           self.decoder_depth)
 
-    def _layer(self, store: dict, layer: int, kind: str) -> AttentionFactors:
-        if not -self.num_layers <= layer < self.num_layers:
-            last = self.num_layers - 1
-            raise ArgumentError(f"{kind} layer {layer} is out of range (0..{last}).")
-        layer %= self.num_layers
+    def _layer(self, store: dict, layer: int, kind: str, count: int) -> AttentionFactors:
+        if not -count <= layer < count:
+            raise ArgumentError(f"{kind} layer {layer} is out of range (0..{count - 1}).")
+        layer %= count
         if layer not in store:
             raise ArgumentError(
                 f"{kind} layer {layer} was not captured: run the model inside the"
@@ -256,7 +261,7 @@ def capture(
     owner = threading.get_ident()
     enc = model.transformer.encoder.layers
     dec = model.transformer.decoder.layers
-    result = Capture(num_layers=len(enc))
+    result = Capture(num_layers=len(enc), num_decoder_layers=len(dec))
     targets = [(enc[i].self_attn, "encoder", i) for i in _layers(encoder_layers, len(enc))]
     targets += [(dec[i].multihead_attn, "decoder", i) for i in _layers(decoder_layers, len(dec))]
     targets += [(dec[i].self_attn, "decoder_self", i)

@@ -187,13 +187,13 @@ def rollout(analysis: Analysis) -> Rollout:
 
 # --- relevance -----------------------------------------------------------------------------
 
-Target = Callable[[Tensor, Tensor], Tensor]  # (logits (100, 92), boxes (100, 4)) -> (n,)
+Target = Callable[[Tensor, Tensor], Tensor]  # (logits (Q, C + 1), boxes (Q, 4)) -> (n,)
 
 
 def _gradients(model: DETR, analysis: Analysis, target: Target, batched: bool = False):
     """The gradient of each scalar of ``target`` at every attention output.
 
-    ``target`` maps the replayed image's ``pred_logits`` (100, 92) and ``pred_boxes`` (100, 4,
+    ``target`` maps the replayed image's ``pred_logits`` (Q, C + 1) and ``pred_boxes`` (Q, 4,
     normalised cxcywh) to the n explained scalars (n,); e.g. ``logits[queries, classes]``.
     Returns ``(grads, fused)``: per target ``{(part, layer): delta (1, H, L, d)}``, and the
     live attention tensors of the one forward pass (detached), keyed the same way. One forward
@@ -235,7 +235,8 @@ def _classes(analysis: Analysis, queries: list[int], classes: Sequence[int] | No
         raise ArgumentError(f"{len(classes)} classes for {len(queries)} queries.")
     bad = [c for c in classes if not 0 <= int(c) < analysis.probabilities.shape[1]]
     if bad:
-        raise ArgumentError(f"class {bad[0]} is out of range (0..90).")
+        last = analysis.probabilities.shape[1] - 1
+        raise ArgumentError(f"class {bad[0]} is out of range (0..{last}).")
     return [int(c) for c in classes]
 
 
@@ -311,7 +312,7 @@ def target_relevance(model: DETR, analysis: Analysis, queries: Sequence[int], ta
     layers, step, maps = analysis.num_layers, _chunk(analysis), []
     for i in range(0, len(queries), step):
         part = grads[i:i + step]
-        rows = _decoder_rows(part, fused, queries[i:i + step], layers)
+        rows = _decoder_rows(part, fused, queries[i:i + step], analysis.num_decoder_layers)
         maps.append(_relevance_map(_encoder_layers(part, fused, layers), rows))
     return torch.cat(maps).reshape(-1, h, w).cpu().numpy()
 

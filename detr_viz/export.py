@@ -92,18 +92,17 @@ def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None 
 
 
 def _settings(analysis: Analysis, view: View) -> dict:
-    layers = analysis.num_layers
-
     def head(h):
         return "mean" if h is None else h
 
     return {
         "variant": analysis.variant,
+        "model": analysis.spec.title,
         "threshold": view.threshold,
         "method": view.method,
-        "encoder_layer": view.encoder_layer % layers,
+        "encoder_layer": view.encoder_layer % analysis.num_layers,
         "encoder_head": head(view.encoder_head),
-        "decoder_layer": view.decoder_layer % layers,
+        "decoder_layer": view.decoder_layer % analysis.num_decoder_layers,
         "decoder_head": head(view.decoder_head),
         "direction": view.direction,
         "relevance_target": view.target,

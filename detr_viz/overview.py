@@ -3,11 +3,12 @@
     maps = decoder_overview(analysis, query=17)              # (6, 9, h, w)
     maps = encoder_overview(analysis, (640, 480), "outgoing")
     peaks = peak_cells(maps)                                 # (6, 9, 2): (row, col) of each max
-    top = head_top_cells(maps[5, :MEAN], k=5)                # (8, 5, 2): each head's 5 best cells
+    top = head_top_cells(maps[-1, :MEAN], k=5)               # (8, 5, 2): each head's 5 best cells
 
 An overview is (layers, heads + 1, h, w) float32 on the feature grid (row 0 at the top):
 ``maps[l, i]`` is layer l, head i for i < heads, and the mean of the heads at ``i = heads``
-(the last column, index :data:`MEAN` for DETR's 8 heads). Each layer costs one product for
+(the last column, index :data:`MEAN`, whatever the number of heads: ``maps[l, :MEAN]`` are the
+heads themselves). Each layer costs one product for
 all its heads (:meth:`AttentionFactors.head_rows` / ``head_columns``), not one per head.
 """
 
@@ -19,7 +20,7 @@ from detr_viz.analysis import INCOMING, OUTGOING, Analysis, Direction
 from detr_viz.capture import AttentionFactors
 from detr_viz.errors import ArgumentError
 
-MEAN = 8  # column of the mean of the heads, for DETR's 8 heads (in general: heads)
+MEAN = -1  # column of the mean of the heads (the last); maps[:, :MEAN] are the heads
 
 
 def decoder_overview(analysis: Analysis, query: int) -> np.ndarray:

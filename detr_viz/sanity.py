@@ -133,12 +133,12 @@ def rerun(model: DETR, analysis: Analysis) -> Analysis:
               (logits[0].softmax(-1)[:, :-1], boxes[0])]
     for x in frozen:
         x.flags.writeable = False
-    layers = range(cap.num_layers)
+    encoder, decoder = range(cap.num_layers), range(cap.decoder_depth)
     return dataclasses.replace(
         analysis, probabilities=frozen[0], boxes=frozen[1],
-        encoder=tuple(cap.encoder_layer(i) for i in layers),
-        decoder=tuple(cap.decoder_layer(i) for i in layers),
-        decoder_self=tuple(cap.decoder_self_layer(i) for i in layers))
+        encoder=tuple(cap.encoder_layer(i) for i in encoder),
+        decoder=tuple(cap.decoder_layer(i) for i in decoder),
+        decoder_self=tuple(cap.decoder_self_layer(i) for i in decoder))
 
 
 def method_map(method: str, model: DETR, analysis: Analysis, query: int, label: int,

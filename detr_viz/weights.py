@@ -166,7 +166,8 @@ def read_model(
             hf.weights.suffix == ".safetensors" else read_training_checkpoint(hf.weights,
                                                                               mmap=peek)[0]
         state = detection_state(to_detr_state_dict(raw, timm_backbone=hf.timm_backbone))
-        spec = detr_spec(state, name=hf.folder.name, source=str(path), record=hf.record,
+        spec = detr_spec(state, name=checkpoint_name(hf.folder), source=str(path),
+                         record=hf.record,
                          heads=heads, dilation=dilation, labels=labels,
                          record_labels=hf.labels)
         return spec, _vetted(state, spec)
@@ -179,6 +180,14 @@ def read_model(
     spec = detr_spec(state, name=path.stem, source=str(path), record=record, heads=heads,
                      dilation=dilation, labels=labels)
     return spec, _vetted(state, spec)
+
+
+def checkpoint_name(folder: Path) -> str:
+    """A checkpoint folder's name for people: ``org/name`` for a hub-cache snapshot
+    (``models--org--name/snapshots/<revision>``), else the folder's name."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return folder.name
 
 
 def _official(variant: str, source: str, labels: Labels | None, heads: int | None,

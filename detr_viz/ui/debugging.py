@@ -12,13 +12,14 @@ import streamlit as st
 from PIL import Image, ImageDraw
 from streamlit_image_coordinates import streamlit_image_coordinates
 
-from detr_viz import COCO_CLASSES, DetrVizError, explain, figures, sanity
+from detr_viz import DetrVizError, explain, figures, sanity
 from detr_viz.analysis import Detection
 from detr_viz.debug_figures import composite_figure, edge_figure, sanity_figure
 from detr_viz.display import display_to_original
 from detr_viz.edges import EDGES, edge_relevance
 from detr_viz.explain import METHODS, RAW, RELEVANCE
 from detr_viz.matching import BoxMatch
+from detr_viz.spec import class_name
 from detr_viz.ui import charts, layers, resources
 from detr_viz.ui.maps import decoder_maps
 from detr_viz.ui.memo import memo
@@ -26,8 +27,12 @@ from detr_viz.ui.resources import Photo, Run
 from detr_viz.ui.scores import describe
 
 PREDICTED = "(the predicted class)"
-CLASSES = sorted({c for c in COCO_CLASSES if c != "N/A"})
 MATCHES = 3
+
+
+def classes(labels: tuple[str, ...]) -> list[str]:
+    """The model's class names for a picker: sorted, each once, without unused ids ("N/A")."""
+    return sorted({c for c in labels if c != "N/A"})
 
 
 @st.fragment
@@ -48,7 +53,7 @@ def debugging_section(run: Run, photo: Photo, threshold: float, method: str,
 
 
 def _composite(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
-    layer, head = layers.current("dec")
+    layer, head = layers.current("dec", run.analysis)
     queries = [d.query for d in kept]
     maps = decoder_maps(photo, run, method, queries, layer, head)
     key = ("composite", photo.digest, *run.key, method, layer, head, tuple(queries))
@@ -98,8 +103,8 @@ def _why_not(run: Run, photo: Photo, method: str, style: dict) -> None:
             key=f"dbg-click-{photo.digest}", use_column_width="always", image_format="JPEG",
             jpeg_quality=85, cursor="crosshair")
     with right:
-        expected = st.selectbox("The class you expected", [PREDICTED, *CLASSES],
-                                key="dbg-label")
+        expected = st.selectbox("The class you expected",
+                                [PREDICTED, *classes(run.analysis.labels)], key="dbg-label")
         if len(corners) < 2:
             st.info("Click two corners of a box on the photo.")
             return
@@ -133,12 +138,13 @@ def _match_maps(run: Run, photo: Photo, matches: list[BoxMatch], method: str,
     """Each matched query's map; relevance for the expected class (else its prediction)."""
     queries = [m.query for m in matches]
     labels = [m.top[0][0] if m.expected is None else m.expected[0] for m in matches]
-    layer, head = layers.current("dec")
+    layer, head = layers.current("dec", run.analysis)
     if method == RELEVANCE:
         maps = class_relevance(photo, run, queries, labels)
     else:
         maps = decoder_maps(photo, run, method, queries, layer, head)
-    shown = [Detection(m.query, c, COCO_CLASSES[c], (m.expected or m.top[0])[2], m.box)
+    shown = [Detection(m.query, c, class_name(run.analysis.labels, c),
+                       (m.expected or m.top[0])[2], m.box)
              for m, c in zip(matches, labels, strict=True)]
     titles = [f"query {m.query}: IoU {m.iou:.2f}" + (f" ({method} for {d.name})"
                                                     if method == RELEVANCE else "")
@@ -190,7 +196,7 @@ def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
 def _sanity(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
     det = _detection(run, kept, "dbg-sanity-query")
     chosen = st.multiselect("Methods", METHODS, default=[method], key="dbg-sanity-methods")
-    layer, head = layers.current("dec")
+    layer, head = layers.current("dec", run.analysis)
 
     def key(m: str):
         return (det.query, m, layer, head) if m == RAW else (det.query, m)

@@ -33,9 +33,9 @@ def shown_detections(run: Run, photo: Photo, threshold: float) -> list[Detection
 
 @st.fragment
 def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style: dict) -> None:
-    layers.apply_pick("dec")
+    layers.apply_pick("dec", run.analysis)
     cols = st.columns([1, 1, 2])
-    layer, head = layers.layer_and_head("dec", cols)
+    layer, head = layers.layer_and_head("dec", cols, run.analysis)
     if method != RAW:
         cols[2].caption(f"**{method}** combines every layer and head; layer and head apply "
                         "to raw attention and to the overview below.")

@@ -75,9 +75,9 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     analysis = run.analysis
     if take_click(photo, analysis, points) and linked:  # before drawing: the image shows it
         st.rerun()
-    layers.apply_pick("enc")
+    layers.apply_pick("enc", analysis)
     cols = st.columns([1, 1, 2])
-    layer, head = layers.layer_and_head("enc", cols)
+    layer, head = layers.layer_and_head("enc", cols, analysis)
     direction = DIRECTIONS[cols[2].radio(
         "Encoder map shows", list(DIRECTIONS), key="enc-direction", horizontal=True,
         help="Column (the notebook's reading) or row of the encoder self-attention at the "

@@ -6,15 +6,30 @@ import numpy as np
 import streamlit as st
 
 from detr_viz import overview_figures
+from detr_viz.analysis import Analysis
 from detr_viz.display import DisplayImage
 from detr_viz.geometry import FeatureGrid
 from detr_viz.overview import MEAN
 
-LAYERS = [f"layer {i}" + (" (last)" if i == 6 else "") for i in range(1, 7)]
-HEADS = ["mean of heads"] + [f"head {i + 1}" for i in range(8)]
+MEAN_LABEL = "mean of heads"
 
 
-def apply_pick(prefix: str) -> None:
+def layer_labels(count: int) -> list[str]:
+    """``["layer 1", ..., "layer 6 (last)"]`` for ``count`` layers."""
+    return [f"layer {i}" + (" (last)" if i == count else "") for i in range(1, count + 1)]
+
+
+def head_labels(count: int) -> list[str]:
+    """``["mean of heads", "head 1", ..., "head 8"]`` for ``count`` heads."""
+    return [MEAN_LABEL] + [f"head {i + 1}" for i in range(count)]
+
+
+def depth(analysis: Analysis, prefix: str) -> int:
+    """Layers of the section ``prefix`` (``dec``: decoder, ``enc``: encoder) of ``analysis``."""
+    return analysis.num_decoder_layers if prefix == "dec" else analysis.num_layers
+
+
+def apply_pick(prefix: str, analysis: Analysis) -> None:
     """Make the thumbnail clicked in this section's overview the shown layer and head.
 
     Runs before the section's selectboxes are drawn (Streamlit lets a widget's value be set
@@ -25,21 +40,37 @@ def apply_pick(prefix: str) -> None:
         return
     st.session_state[f"{prefix}-picked"] = pick
     layer, head = pick
-    st.session_state[f"{prefix}-layer"] = LAYERS[layer]
-    st.session_state[f"{prefix}-head"] = HEADS[0 if head is None else head + 1]
+    st.session_state[f"{prefix}-layer"] = layer_labels(depth(analysis, prefix))[layer]
+    st.session_state[f"{prefix}-head"] = head_labels(analysis.num_heads)[
+        0 if head is None else head + 1]
 
 
-def current(prefix: str) -> tuple[int, int | None]:
-    """The layer and head chosen in a section (``dec`` or ``enc``) so far: (0..5, head or None)."""
-    layer = LAYERS.index(st.session_state.get(f"{prefix}-layer", LAYERS[-1]))
-    head = HEADS.index(st.session_state.get(f"{prefix}-head", HEADS[0])) - 1
-    return layer, None if head < 0 else head
+def current(prefix: str, analysis: Analysis | None = None) -> tuple[int, int | None]:
+    """The layer and head chosen in a section (``dec`` or ``enc``) so far: (layer index, head
+    index or None for the mean). With ``analysis`` (a model with fewer layers or heads, as in
+    the comparison): a layer it lacks means its last, a head it lacks the mean."""
+    layer_text = st.session_state.get(f"{prefix}-layer")
+    head_text = st.session_state.get(f"{prefix}-head", MEAN_LABEL)
+    layer = int(layer_text.split()[1]) - 1 if layer_text else -1
+    head = None if head_text == MEAN_LABEL else int(head_text.split()[1]) - 1
+    if analysis is not None:
+        layers = depth(analysis, prefix)
+        layer = layers - 1 if layer < 0 or layer >= layers else layer
+        head = None if head is not None and head >= analysis.num_heads else head
+    return layer, head
 
 
-def layer_and_head(prefix: str, columns) -> tuple[int, int | None]:
-    """Two selectboxes in ``columns``: (layer index 0..5, head index or None for the mean)."""
-    layer = LAYERS.index(columns[0].selectbox("Layer", LAYERS, index=5, key=f"{prefix}-layer"))
-    head = HEADS.index(columns[1].selectbox("Head", HEADS, key=f"{prefix}-head")) - 1
+def layer_and_head(prefix: str, columns, analysis: Analysis) -> tuple[int, int | None]:
+    """Two selectboxes in ``columns`` for ``analysis``'s layers and heads: (layer index,
+    head index or None for the mean). A choice the model lacks (another model was picked)
+    becomes its last layer, the mean of its heads."""
+    layers, heads = layer_labels(depth(analysis, prefix)), head_labels(analysis.num_heads)
+    for key, options in ((f"{prefix}-layer", layers), (f"{prefix}-head", heads)):
+        if st.session_state.get(key, options[-1]) not in options:
+            del st.session_state[key]  # before the widget exists: allowed
+    layer = layers.index(columns[0].selectbox("Layer", layers, index=len(layers) - 1,
+                                              key=f"{prefix}-layer"))
+    head = heads.index(columns[1].selectbox("Head", heads, key=f"{prefix}-head")) - 1
     return layer, None if head < 0 else head
 
 
@@ -54,4 +85,4 @@ def overview(prefix: str, maps: np.ndarray, shown: tuple[int, int | None], displ
     layer = shown[0]
     st.plotly_chart(overview_figures.head_overlay_figure(
         display, grid, maps[layer, :MEAN], k=5, point=point, box=box,
-        title=f"{LAYERS[layer]}: the 5 strongest cells of each head"), key=f"{prefix}-heads")
+        title=f"layer {layer + 1}: the 5 strongest cells of each head"), key=f"{prefix}-heads")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from detr_viz.analysis import Direction
+from detr_viz.errors import ArgumentError
 from detr_viz.explain import RAW, RELEVANCE, ROLLOUT
 from detr_viz.ui import resources
 from detr_viz.ui.resources import Photo, Run
@@ -33,19 +34,27 @@ def decoder_maps(photo: Photo, run: Run, method: str, queries: Sequence[int], la
         return resources.rollout(photo, run).decoder_maps(queries)
     if method == RELEVANCE:
         return resources.relevance(photo, run, queries)
+    if method != RAW:
+        raise ArgumentError(f"Unknown method {method!r}.")
     return run.analysis.decoder_attentions(queries, layer, head)
 
 
 def encoder_maps(photo: Photo, run: Run, method: str, points: Sequence[tuple[float, float]],
                  layer: int, head: int | None, direction: Direction,
                  target: int | None) -> list[np.ndarray]:
-    """(h, w) maps around each point; relevance needs the explained detection ``target``."""
+    """(h, w) maps around each point; relevance needs the explained detection ``target`` (an
+    ArgumentError without one: never another method's map under relevance's name)."""
     if not points:
         return []
     if method == ROLLOUT:
         roll = resources.rollout(photo, run)
         return [roll.encoder_map(p, direction) for p in points]
-    if method == RELEVANCE and target is not None:
+    if method == RELEVANCE:
+        if target is None:
+            raise ArgumentError("The encoder's relevance explains one detection; there is none "
+                                "to explain here.")
         rel = resources.encoder_relevance(photo, run, target)
         return [rel.encoder_map(p, direction) for p in points]
+    if method != RAW:
+        raise ArgumentError(f"Unknown method {method!r}.")
     return [run.analysis.encoder_attention(p, layer, head, direction) for p in points]

@@ -1,9 +1,9 @@
 """What the page keeps across reruns: models, photos, analyses and explanation maps.
 
-Cached at the boundary (STYLE.md): a model once per (variant, checkpoint), an analysis once per
-(photo, variant), rollout and the random baseline once per analysis, relevance once per
-(analysis, query) and faithfulness scores once per (map, query). Every slider move, page, click
-and method switch afterwards is a cheap function of these.
+Cached at the boundary (STYLE.md): a model once per choice (variant or checkpoint, with its
+labels), an analysis once per (photo, model), rollout and the random baseline once per
+analysis, relevance once per (analysis, query) and faithfulness scores once per (map, query).
+Every slider move, page, click and method switch afterwards is a cheap function of these.
 
 Models are kept (two at most); everything else shares one :class:`~detr_viz.cache.ByteCache`
 across sessions, bounded by ``$DETR_VIZ_CACHE_BYTES`` (default 2 GiB): least recently used out.
@@ -11,6 +11,7 @@ across sessions, bounded by ``$DETR_VIZ_CACHE_BYTES`` (default 2 GiB): least rec
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,8 +24,11 @@ from PIL import Image
 
 from detr_viz import DETR, Analysis, analyze, explain, faithfulness, load_image
 from detr_viz.cache import ByteCache, budget_from_env
+from detr_viz.catalog import Found, find_checkpoints
 from detr_viz.display import DisplayImage, display_image
+from detr_viz.labels import LabelsFile
 from detr_viz.model import VARIANTS
+from detr_viz.spec import ModelSpec
 from detr_viz.weights import (
     checkpoint_provenance,
     find_checkpoint,
@@ -49,22 +53,57 @@ class Photo:
 
 
 @dataclass(frozen=True)
-class Run:
-    """One variant's model and its analysis of the photo: what every section draws from."""
+class ModelChoice:
+    """What the sidebar chose: a released ``variant`` (its checkpoint found or downloaded), or
+    a ``checkpoint`` path with what the user added (class names, heads, DC5)."""
 
-    variant: str
-    checkpoint: str
+    variant: str | None = None
+    checkpoint: str | None = None
+    labels: LabelsFile | None = None
+    heads: int | None = None
+    dilation: bool | None = None
+
+    @property
+    def key(self) -> tuple:
+        return self.variant, self.checkpoint, self.labels, self.heads, self.dilation
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model and its analysis of the photo: what every section draws from."""
+
+    choice: ModelChoice  # with the checkpoint path resolved
     model: DETR
     analysis: Analysis
 
     @property
-    def key(self) -> tuple[str, str]:
-        return self.variant, self.checkpoint
+    def key(self) -> tuple:
+        return self.choice.key
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def variant(self) -> str:
+        """The released variant's name, or the checkpoint's."""
+        return self.spec.name
+
+    @property
+    def checkpoint(self) -> str:
+        return self.choice.checkpoint or ""
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def get_model(variant: str, checkpoint: str) -> DETR:
-    return load_model(variant, checkpoint=checkpoint)
+def get_model(choice: ModelChoice) -> DETR:
+    return load_model(choice.variant, checkpoint=choice.checkpoint, labels=choice.labels,
+                      heads=choice.heads, dilation=choice.dilation, download=False)
+
+
+@st.cache_resource(show_spinner=False, ttl=30)
+def found_checkpoints() -> list[Found]:
+    """Checkpoints on disk for the picker (looked for again after 30 s: new files appear)."""
+    return find_checkpoints()
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -91,9 +130,9 @@ def _photo(digest: str, data: bytes) -> Photo:
     return Photo(digest, image, display_image(image), panel, click)
 
 
-def get_analysis(digest: str, variant: str, checkpoint: str, photo: Photo) -> Analysis:
-    return cache().get(("analysis", digest, variant, checkpoint),
-                       lambda: analyze(get_model(variant, checkpoint), photo.image))
+def get_analysis(digest: str, choice: ModelChoice, photo: Photo) -> Analysis:
+    return cache().get(("analysis", digest, *choice.key),
+                       lambda: analyze(get_model(choice), photo.image))
 
 
 def ensure_checkpoint(variant: str) -> str:
@@ -115,11 +154,13 @@ def ensure_checkpoint(variant: str) -> str:
     return str(Path(path))
 
 
-def get_run(photo: Photo, variant: str) -> Run:
-    checkpoint = ensure_checkpoint(variant)
-    with st.spinner(f"Running DETR ({variant}) on the photo (once per photo and backbone)..."):
-        analysis = get_analysis(photo.digest, variant, checkpoint, photo)
-    return Run(variant, checkpoint, get_model(variant, checkpoint), analysis)
+def get_run(photo: Photo, choice: ModelChoice) -> Run:
+    if choice.variant is not None:
+        choice = dataclasses.replace(choice, checkpoint=ensure_checkpoint(choice.variant))
+    name = choice.variant or Path(choice.checkpoint or "").name
+    with st.spinner(f"Running {name} on the photo (once per photo and model)..."):
+        analysis = get_analysis(photo.digest, choice, photo)
+    return Run(choice, get_model(choice), analysis)
 
 
 class Store:

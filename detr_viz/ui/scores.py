@@ -42,7 +42,7 @@ def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
                                 format_func=lambda q: describe(by_query[q]))]
     if not st.button("Compute the table", key="rank-go"):
         return
-    layer, head = layers.current("dec")  # the decoder section's choices
+    layer, head = layers.current("dec", run.analysis)  # the decoder section's choices
     maps = {m: decoder_maps(photo, run, m, [det.query], layer, head)[0] for m in METHODS}
     found = {m: resources.scores(photo, run, det.query, {"map": maps[m]}, tag(m, layer, head))
              ["map"] for m in METHODS}
