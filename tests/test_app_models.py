@@ -1,0 +1,132 @@
+"""The model picker on the page: a fine-tuned DETR found on disk or typed as a path, with its
+class names, its own layers and heads, every method, and side by side with a released model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+from detr_viz import analyze, explain, load_model
+from detr_viz.model import build_model
+from detr_viz.spec import ModelSpec
+from detr_viz.testing import planted_state_dict
+from detr_viz.ui.sidebar import A_PATH, OFFICIAL
+
+from apptest import APP, SAMPLE, array, assert_clean, charts, query_titles
+
+SPEC = ModelSpec(num_classes=3, labels=("class 0", "class 1", "class 2"), num_queries=50,
+                 encoder_layers=4, decoder_layers=3, heads=4, d_model=128, ffn_dim=256,
+                 name="checkpoint0049", official=False)
+TITLE = "checkpoint0049 (DETR R50, 3 classes, 50 queries, 4+3 layers x 4 heads)"
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tmp_path_factory, weights_dir) -> Path:
+    """The released stand-ins plus a DETR-repository training checkpoint of another size."""
+    folder = tmp_path_factory.mktemp("finetuned")
+    for path in weights_dir.iterdir():
+        (folder / path.name).symlink_to(path)
+    torch.manual_seed(0)
+    state = planted_state_dict(build_model(SPEC), sharpness=3.0)
+    args = argparse.Namespace(nheads=4, dilation=False, backbone="resnet50", enc_layers=4,
+                              dec_layers=3, lr=1e-4)
+    torch.save({"model": state, "args": args, "epoch": 49}, folder / "checkpoint0049.pth")
+    torch.save(state, folder / "bare.pth")  # no args: heads are assumed
+    return folder
+
+
+@pytest.fixture
+def page(monkeypatch, finetuned_dir, tmp_path) -> AppTest:
+    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(finetuned_dir))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=240)
+    at.session_state["threshold"] = 0.0  # random weights: every query is shown
+    yield at
+    st.cache_resource.clear()
+
+
+def decoder_titles(at: AppTest) -> list[str]:
+    return query_titles(charts(at)["decoder-grid"])
+
+
+def test_a_finetuned_checkpoint_is_one_click_away_with_its_names_layers_and_heads(
+        page, finetuned_dir):
+    page.run()
+    options = page.sidebar.selectbox(key="checkpoint").options
+    assert options[0] == OFFICIAL and options[-1] == A_PATH and TITLE in options
+    assert any(o.startswith("bare (") for o in options)  # listed too: it loads
+    page.sidebar.selectbox(key="checkpoint").set_value(TITLE).run()
+    assert_clean(page)
+    assert any(TITLE in c.value for c in page.caption)
+    assert page.selectbox(key="dec-layer").options == ["layer 1", "layer 2", "layer 3 (last)"]
+    assert page.selectbox(key="enc-layer").options[-1] == "layer 4 (last)"
+    assert page.selectbox(key="dec-head").options == ["mean of heads", "head 1", "head 2",
+                                                      "head 3", "head 4"]
+    model = load_model(checkpoint=finetuned_dir / "checkpoint0049.pth")
+    analysis = analyze(model, SAMPLE.read_bytes())
+    titles = decoder_titles(page)
+    queries = [int(t.split(":")[0].removeprefix("query ")) for t in titles]
+    assert queries and all(t.split(": ")[1].rsplit(" ", 1)[0] in SPEC.labels for t in titles)
+    page.selectbox(key="dec-layer").set_value("layer 2").run()
+    page.selectbox(key="dec-head").set_value("head 3").run()
+    figure = charts(page)["decoder-grid"]
+    heat = [d for d in figure["data"] if d["type"] == "heatmap"][0]
+    np.testing.assert_allclose(array(heat["z"]), analysis.decoder_attention(queries[0], 1, 2),
+                               rtol=1e-5, atol=1e-7)
+    for method in (explain.ROLLOUT, explain.RELEVANCE):  # every method on the other sizes
+        page.radio(key="method").set_value(method).run()
+        assert_clean(page)
+    relevance = explain.relevance(model, analysis, queries[:1])[0]
+    got = [d for d in charts(page)["decoder-grid"]["data"] if d["type"] == "heatmap"][0]
+    np.testing.assert_allclose(array(got["z"]), relevance, rtol=1e-4, atol=1e-6)
+
+
+def test_labels_file_names_the_classes_and_a_wrong_one_says_why(page):
+    page.run()
+    page.sidebar.selectbox(key="checkpoint").set_value(TITLE).run()
+    page.sidebar.file_uploader(key="labels-file").upload(
+        "classes.txt", b"cat\ndog\nfox\n", "text/plain").run()
+    assert_clean(page)
+    names = {t.split(": ")[1].rsplit(" ", 1)[0] for t in decoder_titles(page)}
+    assert names and names <= {"cat", "dog", "fox"}
+    page.sidebar.file_uploader(key="labels-file").clear().upload(
+        "coco.txt", b"person\nbicycle\n", "text/plain").run()
+    assert not page.exception
+    assert any("lists 2 names, but the checkpoint has 3 classes" in e.value for e in page.error)
+    page.sidebar.file_uploader(key="labels-file").clear().run()
+    assert_clean(page)  # the page works again without the file
+
+
+def test_a_typed_path_and_what_the_checkpoint_does_not_record(page, finetuned_dir):
+    page.run()
+    page.sidebar.selectbox(key="checkpoint").set_value(A_PATH).run()
+    assert_clean(page)
+    assert any("Type the path of a checkpoint" in i.value for i in page.info)
+    page.sidebar.text_input(key="checkpoint-path").input(str(finetuned_dir / "nope.pth")).run()
+    assert not page.exception
+    assert any("does not exist" in e.value for e in page.error)
+    page.sidebar.text_input(key="checkpoint-path").input(f'"{finetuned_dir / "bare.pth"}"').run()
+    assert not page.exception
+    assert any("assumed: 8 heads" in w.value for w in page.warning)
+    assert len(page.selectbox(key="dec-head").options) == 9
+    page.sidebar.selectbox(key="heads").set_value(4).run()
+    assert_clean(page)
+    assert not page.warning or not any("8 heads" in w.value for w in page.warning)
+    assert len(page.selectbox(key="dec-head").options) == 5
+
+
+def test_side_by_side_with_a_released_model(page):
+    page.run()
+    page.sidebar.selectbox(key="checkpoint").set_value(TITLE).run()
+    page.sidebar.selectbox(key="compare-with").set_value("R50").run()
+    assert_clean(page)
+    assert any("Side by side: checkpoint0049 and R50" in s.value for s in page.subheader)
+    assert "compare-decoder" in charts(page)
