@@ -67,6 +67,7 @@ def test_a_finetuned_checkpoint_is_one_click_away_with_its_names_layers_and_head
     assert_clean(page)
     assert any(TITLE in c.value for c in page.caption)
     assert page.selectbox(key="dec-layer").options == ["layer 1", "layer 2", "layer 3 (last)"]
+    assert page.selectbox(key="dec-layer").value == "layer 3 (last)"  # R50's was layer 6
     assert page.selectbox(key="enc-layer").options[-1] == "layer 4 (last)"
     assert page.selectbox(key="dec-head").options == ["mean of heads", "head 1", "head 2",
                                                       "head 3", "head 4"]

@@ -65,9 +65,10 @@ def layer_and_head(prefix: str, columns, analysis: Analysis) -> tuple[int, int |
     head index or None for the mean). A choice the model lacks (another model was picked)
     becomes its last layer, the mean of its heads."""
     layers, heads = layer_labels(depth(analysis, prefix)), head_labels(analysis.num_heads)
-    for key, options in ((f"{prefix}-layer", layers), (f"{prefix}-head", heads)):
-        if st.session_state.get(key, options[-1]) not in options:
-            del st.session_state[key]  # before the widget exists: allowed
+    for key, options, default in ((f"{prefix}-layer", layers, layers[-1]),
+                                  (f"{prefix}-head", heads, heads[0])):
+        if st.session_state.get(key, default) not in options:  # set, not deleted: the browser
+            st.session_state[key] = default  # shows a value set in session state, not its own
     layer = layers.index(columns[0].selectbox("Layer", layers, index=len(layers) - 1,
                                               key=f"{prefix}-layer"))
     head = heads.index(columns[1].selectbox("Head", heads, key=f"{prefix}-head")) - 1
