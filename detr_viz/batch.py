@@ -49,12 +49,15 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
 class BatchSettings:
     """What a batch computes; a photo done with other settings is done again."""
 
-    variant: str
+    variant: str | None  # a released model; None: the checkpoint's own (see load_model)
     methods: tuple[str, ...] = (RAW,)
     threshold: float = 0.9
     short_side: int = 800  # DETR's evaluation resize
     max_size: int = 1333
     checkpoint: str | None = None  # as given; None: detr-viz's usual search (load_model)
+    labels: str | None = None  # a labels file (see detr_viz.labels)
+    heads: int | None = None  # what a checkpoint may not record (see load_model)
+    dilation: bool | None = None
 
     def __post_init__(self):
         parse_methods(self.methods)
@@ -64,6 +67,13 @@ class BatchSettings:
     def key(self) -> dict:
         """The settings as stored in each photo's ``done.json``."""
         return {**asdict(self), "methods": list(self.methods)}
+
+    def load(self, device: str | None = None) -> DETR:
+        """The model these settings name, on ``device`` (see :func:`detr_viz.load_model`)."""
+        from detr_viz.weights import load_model  # the batch code never needs it otherwise
+
+        return load_model(self.variant, self.checkpoint, labels=self.labels, heads=self.heads,
+                          dilation=self.dilation, device=device)
 
 
 def method_maps(model: DETR, analysis: Analysis, method: str, queries: list[int]) -> np.ndarray:

@@ -28,11 +28,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_VARIANT, choices=list(VARIANTS),
-                        help=f"the DETR variant (default {DEFAULT_VARIANT})")
+    parser.add_argument("--model", default=None, choices=list(VARIANTS),
+                        help=f"a released DETR (default {DEFAULT_VARIANT}, or with --checkpoint "
+                             "whatever DETR the checkpoint holds)")
     parser.add_argument("--checkpoint", default=None,
-                        help="a checkpoint file or Hugging Face folder (default: detr-viz's "
-                             "usual search, $DETR_VIZ_WEIGHTS first, then a download)")
+                        help="a checkpoint: your fine-tuned DETR (a training .pth with args, a "
+                             "state dict, or a Hugging Face folder), or a released model's file "
+                             "(default: detr-viz's usual search, $DETR_VIZ_WEIGHTS first, then "
+                             "a download)")
+    parser.add_argument("--labels", default=None,
+                        help="class names of the checkpoint: one per line, a JSON list or "
+                             "id -> name object, or a COCO annotation file")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads, if the checkpoint does not record them "
+                             "(default 8)")
+    parser.add_argument("--dc5", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the backbone is dilated (DC5), if the checkpoint does not "
+                             "record it (default: no)")
     parser.add_argument("--device", default=None,
                         help="auto (CUDA, else Apple MPS, else CPU; the default, or "
                              "$DETR_VIZ_DEVICE), cpu, cuda, cuda:N or mps")

@@ -10,16 +10,20 @@ from pathlib import Path
 from detr_viz.batch import BatchReport, BatchSettings, parse_methods, run_batch
 from detr_viz.device import describe_device, resolve_device
 from detr_viz.errors import ArgumentError
-from detr_viz.model import DETR
+from detr_viz.model import DEFAULT_VARIANT, DETR
 from detr_viz.results import ResultStore, find_photos
-from detr_viz.weights import DEVICE_ENV, load_model
+from detr_viz.weights import DEVICE_ENV
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def settings_of(args: argparse.Namespace) -> BatchSettings:
-    checkpoint = None if args.checkpoint is None else str(Path(args.checkpoint).expanduser()
-                                                          .resolve())
-    return BatchSettings(args.model, parse_methods(args.methods), args.threshold,
-                         args.short_side, args.max_size, checkpoint)
+    variant = args.model or (None if args.checkpoint else DEFAULT_VARIANT)
+    return BatchSettings(variant, parse_methods(args.methods), args.threshold,
+                         args.short_side, args.max_size, _absolute(args.checkpoint),
+                         _absolute(args.labels), args.heads, args.dc5)
 
 
 def device_of(args: argparse.Namespace) -> str:
@@ -32,8 +36,8 @@ def device_of(args: argparse.Namespace) -> str:
 
 def model_loader(settings: BatchSettings, device: str):
     def load() -> DETR:
-        model = load_model(settings.variant, settings.checkpoint, device=device)
-        print(f"detr-viz: {settings.variant} on {describe_device(resolve_device(device))}",
+        model = settings.load(device)
+        print(f"detr-viz: {model.spec.title} on {describe_device(resolve_device(device))}",
               file=sys.stderr)
         return model
 

@@ -36,9 +36,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods or [m for m in settings["methods"]])
     truth = read_annotations(args.annotations) if args.annotations else None
     device = device_of(args)
-    checkpoint = args.checkpoint or settings["checkpoint"]
-    model = load_model(settings["variant"], checkpoint, device=device)
-    print(f"detr-viz: {settings['variant']} on {describe_device(resolve_device(device))}",
+    same = {k: settings.get(k) for k in ("labels", "heads", "dilation")}
+    given = {"labels": args.labels, "heads": args.heads, "dilation": args.dc5}
+    model = load_model(args.model or settings["variant"], args.checkpoint or
+                       settings["checkpoint"], device=device,
+                       **{k: same[k] if given[k] is None else given[k] for k in same})
+    print(f"detr-viz: {model.spec.title} on {describe_device(resolve_device(device))}",
           file=sys.stderr)
     rows, failed, bar = [], 0, ProgressBar(len(records))
     for record in records:

@@ -47,11 +47,10 @@ class Worker:
     """One model on one Ray worker; ``analyse(path)`` -> (path, None) or (path, reason)."""
 
     def __init__(self, settings: dict, device: str, root: str):
-        from detr_viz.weights import load_model
 
         self.settings = BatchSettings(**{**settings, "methods": tuple(settings["methods"])})
         self.store = ResultStore(root)
-        self.model = load_model(self.settings.variant, self.settings.checkpoint, device=device)
+        self.model = self.settings.load(device)
 
     def analyse(self, source: str) -> tuple[str, str | None]:
         path = Path(source)

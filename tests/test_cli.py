@@ -235,3 +235,39 @@ def test_a_killed_process_loses_nothing_after_a_rerun(env, library, tmp_path):
     assert main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "clean"), *args]) == 0
     _same_results(tmp_path / "clean", out)
     assert not list(out.rglob("*.tmp"))  # temporary files of the killed write were replaced
+
+
+def test_a_finetuned_checkpoint_with_its_labels(env, tmp_path, capsys):
+    """--checkpoint alone loads whatever DETR it holds; --labels names its classes; evaluate
+    reloads the same model from the settings the analysis recorded."""
+    import argparse as ap
+
+    import torch
+
+    from detr_viz.model import build_model
+    from detr_viz.spec import ModelSpec
+    from detr_viz.testing import planted_state_dict
+
+    spec = ModelSpec(num_classes=2, labels=("class 0", "class 1"), num_queries=9,
+                     encoder_layers=2, decoder_layers=3, heads=2, d_model=32, ffn_dim=16,
+                     official=False)
+    checkpoint = tmp_path / "mine.pth"
+    torch.save({"model": planted_state_dict(build_model(spec)),
+                "args": ap.Namespace(nheads=2, dilation=False)}, checkpoint)
+    (tmp_path / "names.txt").write_text("helmet\nvest\n")
+    [path] = photos(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    status = main(["analyze", str(path), "--out", str(out), "--checkpoint", str(checkpoint),
+                   "--labels", str(tmp_path / "names.txt"), "--threshold", "0", *SIZE])
+    assert status == 0, capsys.readouterr().err
+    assert "mine (DETR R50, 2 classes, 9 queries, 2+3 layers x 2 heads)" in capsys.readouterr().err
+    model = load_model(checkpoint=checkpoint, labels=["helmet", "vest"])
+    want = analyze(model, path, short_side=96, max_size=128).detections(0.0)
+    summary = read_csv(out / "summary.csv")
+    assert [(int(r["query"]), r["name"]) for r in summary] == [(d.query, d.name) for d in want]
+    assert {r["name"] for r in summary} <= {"helmet", "vest"} and len(summary) == 9
+    assert main(["evaluate", str(out), "--steps", "2", "--bootstrap", "10"]) == 0
+    assert "mine (DETR R50" in capsys.readouterr().err
+    assert main(["analyze", str(path), "--out", str(out), "--checkpoint", str(checkpoint),
+                 "--labels", str(tmp_path / "in" / "photo0.jpg"), *SIZE]) == CANNOT_START
+    assert "Cannot read the labels file" in capsys.readouterr().err
