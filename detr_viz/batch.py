@@ -24,9 +24,10 @@ from PIL import Image
 
 from detr_viz.analysis import Analysis, analyze
 from detr_viz.errors import ArgumentError, DetrVizError
-from detr_viz.explain import METHODS, RAW, RELEVANCE, ROLLOUT, relevance, rollout
+from detr_viz.explain import METHODS, RAW, RELEVANCE, ROLLOUT
 from detr_viz.export import View, to_json, to_npz
 from detr_viz.image import load_image
+from detr_viz.methods import Explainer, decoder_maps
 from detr_viz.model import DETR
 from detr_viz.overlay_png import overlay_png
 from detr_viz.results import ResultStore
@@ -78,12 +79,7 @@ class BatchSettings:
 
 def method_maps(model: DETR, analysis: Analysis, method: str, queries: list[int]) -> np.ndarray:
     """(n, h, w) maps of ``queries`` by ``method`` (raw: last layer, mean of heads)."""
-    if method == RAW:
-        return analysis.decoder_attentions(queries) if queries else np.zeros(
-            (0, *analysis.feature_hw), np.float32)
-    if method == ROLLOUT:
-        return rollout(analysis).decoder_maps(queries)
-    return relevance(model, analysis, queries)
+    return decoder_maps(Explainer(model, analysis), method, queries)
 
 
 def analyse_photo(model: DETR, image: Image.Image, source: Path, settings: BatchSettings,

@@ -30,7 +30,7 @@ from torch import nn
 from detr_viz import explain
 from detr_viz.analysis import Analysis
 from detr_viz.capture import capture
-from detr_viz.explain import RAW, RELEVANCE, ROLLOUT
+from detr_viz.methods import Explainer, get_method
 from detr_viz.model import DETR
 from detr_viz.replay import replay_outputs
 
@@ -144,13 +144,11 @@ def rerun(model: DETR, analysis: Analysis) -> Analysis:
 def method_map(method: str, model: DETR, analysis: Analysis, query: int, label: int,
                layer: int = -1, head: int | None = None) -> np.ndarray:
     """(h, w) decoder map of ``query`` by ``method`` (relevance for class ``label``)."""
-    if method == RAW:
-        return analysis.decoder_attention(query, layer, head)
-    if method == ROLLOUT:
-        return explain.rollout(analysis).decoder_maps([query])[0]
-    if method == RELEVANCE:
+    chosen = get_method(method)
+    chosen.check(analysis)
+    if chosen.explains_class:  # the class asked for, not the predicted one
         return explain.relevance(model, analysis, [query], [label])[0]
-    raise explain.ArgumentError(f"unknown method {method!r}; use one of {explain.METHODS}.")
+    return chosen.decoder(Explainer(model, analysis), [query], layer, head)[0]
 
 
 def cascaded_maps(model: DETR, analysis: Analysis, query: int, method: str, label: int,

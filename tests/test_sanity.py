@@ -104,7 +104,7 @@ def test_relevance_on_fully_reinitialised_weights_differs(one_torch_thread):
 
 def test_unknown_method_and_query_are_refused():
     analysis, model = small_analysis(), double_model("detr_resnet50")
-    with pytest.raises(sanity.explain.ArgumentError, match="unknown method"):
+    with pytest.raises(sanity.explain.ArgumentError, match="Unknown method .saliency.; use one of"):
         sanity.sanity_check(model, analysis, 0, "saliency")
     with pytest.raises(sanity.explain.ArgumentError, match="out of range"):
         sanity.sanity_check(model, analysis, 100, RAW)

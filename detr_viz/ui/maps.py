@@ -1,4 +1,9 @@
-"""The maps a section shows, for the chosen explanation method."""
+"""The maps a section shows, for the chosen explanation method (see :mod:`detr_viz.methods`).
+
+The page's :class:`~detr_viz.methods.Source`: the same results as the library's
+:class:`~detr_viz.methods.Explainer`, cached across reruns and sessions with spinners
+(:mod:`detr_viz.ui.resources`).
+"""
 
 from __future__ import annotations
 
@@ -6,55 +11,52 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from detr_viz import methods
 from detr_viz.analysis import Direction
-from detr_viz.errors import ArgumentError
-from detr_viz.explain import RAW, RELEVANCE, ROLLOUT
+from detr_viz.methods import METHOD
 from detr_viz.ui import resources
 from detr_viz.ui.resources import Photo, Run
 
-HELP = {
-    RAW: "The attention weights of one layer and head (or the mean of the heads).",
-    ROLLOUT: "Attention rollout (Abnar & Zuidema 2020): every layer's head-averaged attention, "
-             "residual added, multiplied through the layers.",
-    RELEVANCE: "Relevance (Chefer et al. 2021): attention weighted by the gradient of the "
-               "detection's class score, propagated through encoder and decoder.",
-}
+HELP = {name: m.help for name, m in METHOD.items()}
+
+
+class PageSource:
+    """Rollout and relevance of one run, from the page's caches."""
+
+    def __init__(self, photo: Photo, run: Run):
+        self.photo, self.run, self.analysis = photo, run, run.analysis
+
+    def rollout(self):
+        return resources.rollout(self.photo, self.run)
+
+    def relevance(self, queries: Sequence[int]) -> np.ndarray:
+        return resources.relevance(self.photo, self.run, list(queries))
+
+    def encoder_relevance(self, query: int):
+        return resources.encoder_relevance(self.photo, self.run, query)
 
 
 def tag(method: str, layer: int, head: int | None) -> str:
     """What identifies a decoder map of ``method`` (raw attention depends on layer and head)."""
-    return f"{method} L{layer} H{head}" if method == RAW else method
+    return methods.get_method(method).tag(layer, head)
 
 
 def decoder_maps(photo: Photo, run: Run, method: str, queries: Sequence[int], layer: int,
                  head: int | None) -> np.ndarray:
-    """(n, h, w) maps of the object queries ``queries``."""
-    queries = list(queries)
-    if method == ROLLOUT:
-        return resources.rollout(photo, run).decoder_maps(queries)
-    if method == RELEVANCE:
-        return resources.relevance(photo, run, queries)
-    if method != RAW:
-        raise ArgumentError(f"Unknown method {method!r}.")
-    return run.analysis.decoder_attentions(queries, layer, head)
+    """(n, h, w) maps of the object queries ``queries`` (ArgumentError if ``method`` does not
+    apply to the model: never another method's maps under its name)."""
+    return methods.decoder_maps(PageSource(photo, run), method, queries, layer, head)
 
 
 def encoder_maps(photo: Photo, run: Run, method: str, points: Sequence[tuple[float, float]],
                  layer: int, head: int | None, direction: Direction,
                  target: int | None) -> list[np.ndarray]:
     """(h, w) maps around each point; relevance needs the explained detection ``target`` (an
-    ArgumentError without one: never another method's map under relevance's name)."""
-    if not points:
-        return []
-    if method == ROLLOUT:
-        roll = resources.rollout(photo, run)
-        return [roll.encoder_map(p, direction) for p in points]
-    if method == RELEVANCE:
-        if target is None:
-            raise ArgumentError("The encoder's relevance explains one detection; there is none "
-                                "to explain here.")
-        rel = resources.encoder_relevance(photo, run, target)
-        return [rel.encoder_map(p, direction) for p in points]
-    if method != RAW:
-        raise ArgumentError(f"Unknown method {method!r}.")
-    return [run.analysis.encoder_attention(p, layer, head, direction) for p in points]
+    ArgumentError without one)."""
+    return methods.encoder_maps(PageSource(photo, run), method, points, layer, head, direction,
+                                target)
+
+
+def unavailable(run: Run, method: str) -> str | None:
+    """Why ``method`` cannot explain this run's model, or None."""
+    return METHOD[method].unavailable(run.analysis)
