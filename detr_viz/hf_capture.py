@@ -7,17 +7,20 @@
     cap.spatial[-1].rows([3], head=0)                 # its spatial term alone (Figure 1 of the
                                                       # Conditional DETR paper)
 
-Forward pre-hooks on the attention modules read each call's inputs and recompute the query and
-key projections the module is about to make (the same ``nn.Linear`` calls on the same tensors,
-so the same numbers); the model runs unchanged with ``output_attentions=False``. Hooks exist
-only during :func:`capture_hf`, are removed on any exit, and record only the calling thread.
-
 Every attention is stored as :class:`~detr_viz.capture.AttentionFactors` (per head scaled ``q``,
 ``k``, the log-sum-exp ``lse`` of each row's logits, and ``key_padding``), so that
-``factors.dense(head)`` is the softmax transformers computes. One exception: DAB-DETR's
-softmax runs in float32 whatever the model's dtype, so a float64 DAB-DETR's own weights are
-computed from float32-rounded logits (about 1e-7 from these, the exact softmax of its
-float64 logits).
+``factors.dense(head)`` is the softmax transformers computes. A forward pre-hook on each
+attention module recomputes the query and key projections the module is about to make from
+its inputs (the same ``nn.Linear`` calls on the same tensors: the same numbers); a forward hook
+takes ``lse`` from the weights the eager module computed anyway (one pass, as
+:mod:`detr_viz.capture` does), and hands the caller what it would have had without hooks. The
+model runs once, with ``output_attentions=False``; hooks exist only during :func:`capture_hf`,
+are removed on any exit, and record only the calling thread. Costs: see
+``benchmarks/hf_families.py``.
+
+DAB-DETR takes its softmax in float32 whatever the model's dtype: a float64 DAB-DETR's weights,
+and so its factors here, are within about 1e-7 of the exact softmax of its float64 logits (its
+content and spatial terms, computed here, are exact).
 """
 
 from __future__ import annotations
@@ -126,12 +129,26 @@ def _factors(q: Tensor, k: Tensor, padding: Tensor | None) -> AttentionFactors:
     """Factors of softmax(q k^T) over keys, ``padding`` (B, S) True -> excluded (or None).
     ``q`` (B, H, L, d) already scaled, ``k`` (B, H, S, d)."""
     logits = q @ k.transpose(-1, -2)  # (B, H, L, S)
+    if padding is not None and padding.any():
+        logits = logits.masked_fill(padding[:, None, None, :], -torch.inf)
+    return _detached(q, k, torch.logsumexp(logits, dim=-1), padding)
+
+
+def _from_weights(q: Tensor, k: Tensor, weights: Tensor, padding: Tensor | None
+                  ) -> AttentionFactors:
+    """Factors of an attention whose weights (B, H, L, S) the model computed: the log of each
+    row's softmax denominator from its largest weight, lse_i = q_i . k_j* - log(w_ij*), one pass
+    over the weights instead of another (L x S x d) product and exp."""
+    top_w, top_j = weights.max(dim=-1)  # (B, H, L)
+    top_k = torch.gather(k, 2, top_j[..., None].expand(-1, -1, -1, k.shape[-1]))
+    return _detached(q, k, (q * top_k).sum(-1) - top_w.log(), padding)
+
+
+def _detached(q: Tensor, k: Tensor, lse: Tensor, padding: Tensor | None) -> AttentionFactors:
     if padding is None:
         padding = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-    logits = logits.masked_fill(padding[:, None, None, :], -torch.inf)
-    lse = torch.logsumexp(logits, dim=-1)
-    return AttentionFactors(q.contiguous().cpu(), k.contiguous().cpu(), lse.cpu(),
-                            padding.cpu())
+    return AttentionFactors(q.detach().contiguous().cpu(), k.detach().contiguous().cpu(),
+                            lse.detach().cpu(), padding.detach().cpu())
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -193,19 +210,30 @@ def _targets(model: nn.Module, family: str) -> list[tuple[nn.Module, str, int, C
 @contextmanager
 def _hooked(model: nn.Module, family: str, store: _Store) -> Iterator[None]:
     owner = threading.get_ident()
+    pending: dict[tuple[str, int], tuple[Tensor, Tensor, bool]] = {}
 
-    def attention(part, index, recipe, module, args, kwargs):
+    def before(part, index, recipe, module, args, kwargs):
         if threading.get_ident() != owner:
             return None
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        q, k = recipe(module, bound)
+        asked = bound.get("output_attentions", True)  # Conditional DETR's always return them
+        pending[part, index] = (*recipe(module, bound), asked)
+        if asked:
+            return None
+        # DAB-DETR's modules compute the weights anyway; have them returned (see ``after``)
+        return args, {**kwargs, "output_attentions": True}
+
+    def after(part, index, module, args, kwargs, output):
+        if threading.get_ident() != owner or (part, index) not in pending:
+            return None
+        q, k, asked = pending.pop((part, index))
         padding = None if part == "decoder_self" else ~store.mask.flatten(1)
-        getattr(store, part)[index] = _factors(q, k, padding)
+        getattr(store, part)[index] = _from_weights(q, k, output[1], padding)
         if part == "decoder":  # per head q = [q_c, q_s], k = [k_c, k_s]: split the halves
-            half = q.shape[-1] // 2
-            store.content[index] = _factors(q[..., :half], k[..., :half], padding)
-            store.spatial[index] = _factors(q[..., half:], k[..., half:], padding)
-        return None
+            (q_c, q_s), (k_c, k_s) = q.chunk(2, dim=-1), k.chunk(2, dim=-1)
+            store.content[index] = _factors(q_c, k_c, padding)
+            store.spatial[index] = _factors(q_s, k_s, padding)
+        return None if asked else (output[0], None)  # what the caller would have seen
 
     def features(module, args, output):  # [(feature map, mask)] per stage, the last is used
         if threading.get_ident() == owner:
@@ -225,8 +253,9 @@ def _hooked(model: nn.Module, family: str, store: _Store) -> Iterator[None]:
         handles.append(conv.register_forward_hook(features))
         handles.append(model.model.decoder.register_forward_hook(points))
         for module, part, index, recipe in _targets(model, family):
-            hook = _partial(attention, part, index, recipe)
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            pre, post = _partial(before, part, index, recipe), _partial(after, part, index)
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -234,4 +263,4 @@ def _hooked(model: nn.Module, family: str, store: _Store) -> Iterator[None]:
 
 
 def _partial(hook, *bound):
-    return lambda module, args, kwargs: hook(*bound, module, args, kwargs)
+    return lambda module, *call: hook(*bound, module, *call)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -337,6 +338,34 @@ def test_loaded_folder_computes_what_the_saved_model_did(built, saved, loaded, f
     in_float32 = load_hf_family(saved[family])  # the default dtype, the weights as saved
     state = built[family].state_dict()
     assert all(torch.equal(t, state[k]) for k, t in in_float32.state_dict().items())
+
+
+def legacy_name(name: str) -> str:
+    """A transformers 5.x Conditional DETR key as 4.x named it (microsoft/conditional-detr-*
+    on the Hub holds these names)."""
+    short = {"q_pos_sine": "qpos_sine", "q_content": "qcontent", "q_pos": "qpos",
+             "k_content": "kcontent", "k_pos": "kpos", "v": "v"}
+    name = name.replace("model.backbone.", "model.backbone.conv_encoder.")
+    name = re.sub(r"(self_attn|encoder_attn)\.o_proj\.", r"\1.out_proj.", name)
+    name = re.sub(r"layers\.(\d+)\.mlp\.fc", r"layers.\1.fc", name)
+    return re.sub(r"decoder\.layers\.(\d+)\.(self_attn|encoder_attn)\.(q_pos_sine|q_content|q_pos"
+                  r"|k_content|k_pos|v)_proj", lambda m: f"decoder.layers.{m[1]}."
+                  f"{'sa' if m[2] == 'self_attn' else 'ca'}_{short[m[3]]}_proj", name)
+
+
+def test_legacy_key_names_load_to_the_same_model(built, saved, tmp_path):
+    """A file in transformers 4.x names (as the Hub holds) loads to the same weights."""
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "config.json").write_text((saved["conditional_detr"] / "config.json").read_text())
+    state = built["conditional_detr"].state_dict()
+    renamed = {legacy_name(k): t.contiguous() for k, t in state.items()}
+    assert "model.decoder.layers.1.ca_qpos_sine_proj.weight" in renamed
+    assert "model.encoder.layers.0.fc1.weight" in renamed
+    assert sum(a != b for a, b in zip(state, renamed, strict=True)) > len(state) // 2
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    got = load_hf_family(folder).state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
