@@ -51,14 +51,16 @@ class HFCapture:
     cross-attention (L = Q, S = h * w), ``decoder_self`` (Q x Q). All factors have batch 1.
 
     ``content`` and ``spatial`` split each ``decoder`` layer: its logits per head are
-    (q_c . k_c + q_s . k_s) / sqrt(2 d), the query and key being the concatenation of a content
-    part (decoder embedding; key: encoder output) and a spatial part (the query's sine
-    embedding, modulated by its embedding; key: the cells' sine position embedding). ``content``
-    is softmax(q_c . k_c / sqrt(2 d)) and ``spatial`` softmax(q_s . k_s / sqrt(2 d)): each term
-    alone, with the full attention's scaling, padded keys excluded. In the first decoder layer
-    (and every layer of a DAB-DETR with ``keep_query_pos``) transformers adds the query's
-    positional projection to q_c and the cells' positional projection to k_c, so there the
-    content term carries position too, exactly as the model computes it.
+    (q_c . k_c + q_s . k_s) / sqrt(2 d) (d = d_model / heads), query and key per head being the
+    concatenation of a content part (q_c from the decoder embedding; k_c from the encoder
+    output) and a spatial part (q_s from the sine embedding of the query's reference point or
+    DAB-DETR's anchor, transformed by the decoder embedding; k_s from the cells' sine position
+    embedding). ``content`` is softmax(q_c . k_c / sqrt(2 d)) and ``spatial`` is
+    softmax(q_s . k_s / sqrt(2 d)): each term alone, with the full attention's scaling, padded
+    keys excluded; so ``decoder`` = content * spatial, renormalised per row. In the first
+    decoder layer (and every layer of a DAB-DETR with ``keep_query_pos``) transformers adds the
+    query's positional projection to q_c and the cells' positional projection to k_c, so there
+    the content term carries position too, exactly as the model computes it.
 
     ``reference_points`` (Q, 2), Conditional DETR only: each query's reference point (cx, cy),
     normalised to the input, the same for every layer. ``anchors`` (decoder_layers, Q, 4),

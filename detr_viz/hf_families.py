@@ -71,17 +71,19 @@ class HFFamilyCheckpoint:
 
 
 def open_hf_family(folder: str | os.PathLike[str]) -> HFFamilyCheckpoint:
-    """Vet the checkpoint folder from its config.json alone.
+    """Vet the checkpoint folder (or a file in it: its weights file, config.json) from its
+    config.json alone.
 
     Raises :class:`WeightsUnavailableError` (no config.json, no weights file),
     :class:`CorruptCheckpointError` (config.json is not a JSON object),
     :class:`NotADetrCheckpointError` (another model type, or not the detector architecture) or
     :class:`WrongVariantError` (a backbone we cannot build offline, label ids with gaps).
     """
-    folder = Path(folder).expanduser()
+    path = Path(folder).expanduser()
+    folder = path.parent if path.is_file() else path
     config = read_family_config(folder)
     family, _ = FAMILIES[config["model_type"]]
-    weights = weights_file(folder)
+    weights = path if path.name in WEIGHT_FILES and path.is_file() else weights_file(folder)
     if weights is None:
         raise WeightsUnavailableError(
             f"{folder} holds config.json but no {' or '.join(WEIGHT_FILES)}: copy the weights "
@@ -200,7 +202,8 @@ def _labels(config: dict[str, Any], source: Path) -> tuple[str, ...]:
 
 def load_hf_family(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32):
     """transformers' ``ConditionalDetrForObjectDetection`` / ``DabDetrForObjectDetection`` from
-    ``folder``: eval mode, ``requires_grad`` off, eager attention, parameters in ``dtype``.
+    ``folder`` (as :func:`open_hf_family` takes it): eval mode, ``requires_grad`` off, eager
+    attention, parameters in ``dtype``.
 
     Built from the vetted config.json with a random-initialised backbone, then every weight from
     the folder's file (legacy transformers 4.x key names are renamed by transformers). Raises as

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, whatever happens below
@@ -261,6 +262,21 @@ def test_conditional_content_and_spatial_terms(loaded, padded):
     assert len(cap.content) == len(cap.spatial) == 2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_cross_attention_is_content_times_spatial(loaded, family):
+    """softmax(a + b) = softmax(a) * softmax(b), renormalised: for both families the captured
+    terms multiply back to the full weights that transformers computes (checked above)."""
+    with float64_softmax() if family == "dab_detr" else contextlib.nullcontext():
+        cap = capture_hf(loaded[family], image(), right_padding())
+    keys = ~cap.padding.flatten()
+    for full, content, spatial in zip(cap.decoder, cap.content, cap.spatial, strict=True):
+        for head in range(2):
+            product = (dense(content, head) * dense(spatial, head))[:, keys]
+            product /= product.sum(-1, keepdim=True)
+            assert torch.allclose(product, dense(full, head)[:, keys], rtol=1e-12, atol=0)
+            assert (dense(content, head) - dense(full, head)).abs().max() > 1e-3
+
+
 def test_conditional_reference_points(loaded):
     model = loaded["conditional_detr"]
     cap = capture_hf(model, image())
@@ -306,6 +322,30 @@ def test_capture_leaves_no_hooks_even_on_failure(loaded):
     finally:
         handle.remove()
     assert hooked_modules(model) == before
+
+
+def test_threads_sharing_a_model_get_their_own_capture(loaded):
+    model = loaded["conditional_detr"]
+    alone = [capture_hf(model, image(seed)) for seed in (0, 1)]
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def run(seed):
+        barrier.wait()
+        for _ in range(3):
+            results[seed] = capture_hf(model, image(seed))
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, want in enumerate(alone):
+        got = results[seed]
+        assert torch.equal(got.logits, want.logits)
+        for mine, theirs in zip(got.encoder + got.decoder + got.spatial,
+                                want.encoder + want.decoder + want.spatial, strict=True):
+            assert torch.equal(mine.q, theirs.q) and torch.equal(mine.lse, theirs.lse)
 
 
 def test_capture_refuses_what_it_cannot_show(loaded):
@@ -377,6 +417,8 @@ def test_open_describes_the_checkpoint(saved, family):
     assert (info.num_queries, info.encoder_layers, info.decoder_layers) == (7, 2, 2)
     assert (info.encoder_heads, info.decoder_heads, info.d_model, info.stride) == (2, 2, 32, 32)
     assert info.backbone == "transformers ResNet [1, 1, 1, 1]"
+    assert open_hf_family(saved[family] / "model.safetensors") == info
+    assert open_hf_family(saved[family] / "config.json") == info
 
 
 def config_folder(path: Path, config: dict, weights: str | None = "model.safetensors") -> Path:
