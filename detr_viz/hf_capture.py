@@ -214,9 +214,13 @@ def _hooked(model: nn.Module, family: str, store: _Store) -> Iterator[None]:
     owner = threading.get_ident()
     pending: dict[tuple[str, int], tuple[Tensor, Tensor, bool]] = {}
 
-    def before(part, index, recipe, module, args, kwargs):
+    # Another thread's forward may call these hooks without ``kwargs`` while this thread
+    # registers or removes them (torch reads its hook tables twice): the owner check comes
+    # first, and the signatures take what they are given.
+    def before(part, index, recipe, module, args, *given):
         if threading.get_ident() != owner:
             return None
+        (kwargs,) = given
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         asked = bound.get("output_attentions", True)  # Conditional DETR's always return them
         pending[part, index] = (*recipe(module, bound), asked)
@@ -225,9 +229,10 @@ def _hooked(model: nn.Module, family: str, store: _Store) -> Iterator[None]:
         # DAB-DETR's modules compute the weights anyway; have them returned (see ``after``)
         return args, {**kwargs, "output_attentions": True}
 
-    def after(part, index, module, args, kwargs, output):
+    def after(part, index, module, args, *given):
         if threading.get_ident() != owner or (part, index) not in pending:
             return None
+        _, output = given  # (kwargs, output)
         q, k, asked = pending.pop((part, index))
         padding = None if part == "decoder_self" else ~store.mask.flatten(1)
         getattr(store, part)[index] = _from_weights(q, k, output[1], padding)

@@ -327,19 +327,23 @@ def test_capture_leaves_no_hooks_even_on_failure(loaded):
 def test_threads_sharing_a_model_get_their_own_capture(loaded):
     model = loaded["conditional_detr"]
     alone = [capture_hf(model, image(seed)) for seed in (0, 1)]
-    results = {}
+    results, errors = {}, []
     barrier = threading.Barrier(2)
 
     def run(seed):
         barrier.wait()
-        for _ in range(3):
-            results[seed] = capture_hf(model, image(seed))
+        try:
+            for _ in range(5):
+                results[seed] = capture_hf(model, image(seed))
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(seed,)) for seed in (0, 1)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert not errors, errors
     for seed, want in enumerate(alone):
         got = results[seed]
         assert torch.equal(got.logits, want.logits)
