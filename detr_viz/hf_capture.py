@@ -44,9 +44,10 @@ class HFCapture:
 
     ``logits`` (Q, num_labels) as the model returns them; ``probabilities`` = sigmoid(logits):
     independent per-class scores, no "no object" class. ``boxes`` (Q, 4): the model's
-    ``pred_boxes``, normalised (cx, cy, w, h) in [0, 1] of the model input (of its unpadded
-    part when a ``pixel_mask`` pads it). ``grid`` (h, w): the feature grid; ``padding`` (h, w)
-    bool, True on feature cells that only cover padding. Per layer (tuples, layer 0 first):
+    ``pred_boxes``, normalised (cx, cy, w, h) in [0, 1] of the model input (trained, as DETR,
+    to be relative to its unpadded part when a ``pixel_mask`` pads it). ``grid`` (h, w): the
+    feature grid; ``padding`` (h, w) bool, True on feature cells that only cover padding. Per
+    layer (tuples, layer 0 first):
     ``encoder`` self-attention (L = S = h * w, cells in row-major (y, x) order), ``decoder``
     cross-attention (L = Q, S = h * w), ``decoder_self`` (Q x Q). All factors have batch 1.
 
