@@ -47,9 +47,9 @@ class HFCapture:
     ``pred_boxes``, normalised (cx, cy, w, h) in [0, 1] of the model input (trained, as DETR,
     to be relative to its unpadded part when a ``pixel_mask`` pads it). ``grid`` (h, w): the
     feature grid; ``padding`` (h, w) bool, True on feature cells that only cover padding. Per
-    layer (tuples, layer 0 first):
-    ``encoder`` self-attention (L = S = h * w, cells in row-major (y, x) order), ``decoder``
-    cross-attention (L = Q, S = h * w), ``decoder_self`` (Q x Q). All factors have batch 1.
+    layer (tuples, layer 0 first): ``encoder`` self-attention (L = S = h * w, cells in
+    row-major (y, x) order), ``decoder`` cross-attention (L = Q, S = h * w), ``decoder_self``
+    (Q x Q). All factors have batch 1.
 
     ``content`` and ``spatial`` split each ``decoder`` layer: its logits per head are
     (q_c . k_c + q_s . k_s) / sqrt(2 d) (d = d_model / heads), query and key per head being the
