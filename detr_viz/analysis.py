@@ -11,8 +11,8 @@ again for another threshold, layer, head or reference point.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -68,7 +68,13 @@ class Analysis:
     image: encoder self-attention (h * w cells), decoder cross-attention (Q queries over the
     cells) and decoder self-attention (Q x Q);
     ``inputs``: what the transformer was given (CNN features after ``input_proj``, padding mask,
-    position encoding), so that explanation methods can re-run it without the backbone.
+    position encoding), so that explanation methods can re-run it without the backbone (None
+    for families detr-viz runs in transformers' code: methods that replay say so).
+    ``terms``: named parts of the decoder cross-attention, per layer (Conditional DETR and
+    DAB-DETR: ``"content"`` and ``"spatial"``, each the softmax of its term of the logits
+    alone; see :mod:`detr_viz.hf_capture`). ``anchors``: (decoder layers, Q, 4) normalised
+    cxcywh box each decoder layer starts from (DAB-DETR); ``reference_points``: (Q, 2)
+    normalised (cx, cy) of each query (Conditional DETR).
     """
 
     spec: ModelSpec
@@ -78,7 +84,10 @@ class Analysis:
     encoder: tuple[AttentionFactors, ...]
     decoder: tuple[AttentionFactors, ...]
     decoder_self: tuple[AttentionFactors, ...]
-    inputs: TransformerInputs
+    inputs: TransformerInputs | None
+    terms: Mapping[str, tuple[AttentionFactors, ...]] = field(default_factory=dict)
+    anchors: np.ndarray | None = None
+    reference_points: np.ndarray | None = None
 
     @property
     def variant(self) -> str:
@@ -161,21 +170,41 @@ class Analysis:
         ``label`` (a class id or name of :attr:`labels`, the class the user expected): see
         :func:`detr_viz.matching.match_box`. ``match.sentence`` says what each predicted."""
         return match_box(self.boxes_xyxy(), self.probabilities, box_xyxy_in_photo_pixels,
-                         self.original_size, label, k, labels=self.labels)
+                         self.original_size, label, k, labels=self.labels,
+                         no_object=self.spec.family == "detr")
 
     def decoder_attention(
-        self, query: int, layer: int = -1, head: int | None = None
+        self, query: int, layer: int = -1, head: int | None = None, term: str | None = None
     ) -> np.ndarray:
-        """Cross-attention of object query ``query`` over the feature grid: (h, w) float32."""
-        return self.decoder_attentions([query], layer, head)[0]
+        """Cross-attention of object query ``query`` over the feature grid: (h, w) float32
+        (``term``: one of :attr:`terms`, that part of it alone)."""
+        return self.decoder_attentions([query], layer, head, term)[0]
 
     def decoder_attentions(
-        self, queries: list[int], layer: int = -1, head: int | None = None
+        self, queries: list[int], layer: int = -1, head: int | None = None,
+        term: str | None = None,
     ) -> np.ndarray:
         """Cross-attention maps of several queries at once: (len(queries), h, w) float32."""
         queries = self.checked_queries(queries)
-        maps = self._layer(self.decoder, layer).rows(queries, head)
+        if term is not None and term not in self.terms:
+            have = ", ".join(self.terms) or "none"
+            raise ArgumentError(f"{self.spec.architecture} has no {term!r} attention term "
+                                f"(it has: {have}).")
+        layers = self.decoder if term is None else self.terms[term]
+        maps = self._layer(layers, layer).rows(queries, head)
         return maps.reshape(len(queries), *self.feature_hw)
+
+    def anchor_boxes(self, query: int) -> np.ndarray:
+        """(decoder layers, 4) xyxy photo pixels: the anchor box each decoder layer started
+        from for ``query`` (DAB-DETR's iterative refinement), then the final box as the last
+        row. ArgumentError for families without anchors."""
+        if self.anchors is None:
+            raise ArgumentError(f"{self.spec.architecture} has no anchor boxes per layer.")
+        [query] = self.checked_queries([query])
+        cx, cy, w, h = np.concatenate([self.anchors[:, query], self.boxes[query][None]]).T
+        width, height = self.original_size
+        return np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+                         (cy + h / 2) * height], axis=1)
 
     def encoder_attention(
         self,
@@ -222,6 +251,10 @@ def analyze(
     device; the record holds only CPU arrays and tensors, whatever that device.
     """
     model_input = preprocess(load_image(image), short_side=short_side, max_size=max_size)
+    if model.spec.family != "detr":  # run in transformers' code (detr_viz.families)
+        from detr_viz.families import analyze_hf
+
+        return analyze_hf(model, model_input)
     weight = model.query_embed.weight
     with torch.inference_mode(), capture(model, features=False) as cap:
         outputs = model(model_input.tensor.to(weight.device, weight.dtype))

@@ -47,7 +47,8 @@ _RELEASED = {"num_queries": 100, "d_model": 256, "encoder_layers": 6, "decoder_l
              "encoder_attention_heads": 8, "decoder_attention_heads": 8, "encoder_ffn_dim": 2048,
              "decoder_ffn_dim": 2048}
 _REQUIRED = {"activation_function": "relu", "position_embedding_type": "sine", "num_channels": 3}
-SUPPORTED = "DETR (model_type \"detr\")"
+SUPPORTED = ('DETR (model_type "detr"), Conditional DETR ("conditional_detr") and DAB-DETR '
+             '("dab-detr")')
 _RESNET_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 _RESNET_REQUIRED = {"layer_type": "bottleneck", "embedding_size": 64, "hidden_act": "relu",
                     "hidden_sizes": [256, 512, 1024, 2048], "downsample_in_bottleneck": False,
@@ -154,8 +155,9 @@ def read_config(path: Path, weights: Path) -> dict[str, Any]:
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise NotADetrCheckpointError(
             f"{path} describes a {kind or 'non-transformers'} model, not one detr-viz "
-            f"explains. Supported: {SUPPORTED}, such as facebook/detr-resnet-50 and DETRs "
-            "fine-tuned from it."
+            f"explains. Supported: {SUPPORTED}, such as facebook/detr-resnet-50, "
+            "microsoft/conditional-detr-resnet-50, IDEA-Research/dab-detr-resnet-50 and "
+            "checkpoints fine-tuned from them."
         )
     architectures = config.get("architectures") or ["DetrForObjectDetection"]
     if "DetrForObjectDetection" not in architectures:

@@ -34,13 +34,11 @@ from detr_viz.errors import (
     WeightsUnavailableError,
     WrongVariantError,
 )
-from detr_viz.hf_checkpoint import WEIGHT_FILES, weights_file
+from detr_viz.hf_checkpoint import SUPPORTED, WEIGHT_FILES, weights_file
 
 # model_type in config.json -> (family, transformers class)
 FAMILIES = {"conditional_detr": ("conditional_detr", "ConditionalDetrForObjectDetection"),
             "dab-detr": ("dab_detr", "DabDetrForObjectDetection")}
-SUPPORTED = ('DETR (model_type "detr"), Conditional DETR ("conditional_detr") and DAB-DETR '
-             '("dab-detr")')
 _TIMM_RESNET = re.compile(r"resnet\d+")  # timm's plain ResNets: resnet18, 34, 50, 101, 152...
 _DROPPED = ("backbone", "use_timm_backbone", "backbone_kwargs", "use_pretrained_backbone")
 

@@ -29,7 +29,8 @@ class BoxMatch:
     ``box``: the query's prediction, (x0, y0, x1, y1) original-photo pixels; ``iou`` with the
     asked box; ``top``: its five most probable classes as (label, name, probability), best
     first; ``expected``: (label, name, probability) of the class asked about, or None;
-    ``no_object``: the probability left to "no object" (1 - the sum over the 91 classes).
+    ``no_object``: the probability left to "no object" (1 - the sum over the classes), or None
+    for a family with independent (sigmoid) class scores and no such class.
     """
 
     query: int
@@ -37,7 +38,7 @@ class BoxMatch:
     iou: float
     top: tuple[tuple[int, str, float], ...]
     expected: tuple[int, str, float] | None
-    no_object: float
+    no_object: float | None
 
     @property
     def sentence(self) -> str:
@@ -45,7 +46,8 @@ class BoxMatch:
         head = f"query {self.query} found this box (IoU {self.iou:.2f})"
         _, best, p = self.top[0]
         if self.expected is None or self.expected[1] == best:
-            return f"{head} and gave '{best}' {p:.2f} (no object {self.no_object:.2f})"
+            rest = "" if self.no_object is None else f" (no object {self.no_object:.2f})"
+            return f"{head} and gave '{best}' {p:.2f}{rest}"
         _, name, q = self.expected
         return f"{head} but gave '{name}' {q:.2f} and '{best}' {p:.2f}"
 
@@ -94,11 +96,13 @@ def checked_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]
 
 def match_box(boxes: np.ndarray, probabilities: np.ndarray, box, size: tuple[int, int],
               label: int | str | None = None, k: int = 3,
-              labels: tuple[str, ...] = COCO_CLASSES) -> list[BoxMatch]:
+              labels: tuple[str, ...] = COCO_CLASSES, no_object: bool = True
+              ) -> list[BoxMatch]:
     """The ``k`` queries whose boxes best match ``box`` (xyxy photo pixels, photo ``size``).
 
     ``boxes``: (Q, 4) xyxy photo pixels; ``probabilities``: (Q, C) without "no object";
-    ``labels``: the C class names.
+    ``labels``: the C class names; ``no_object``: whether the scores are a softmax with a "no
+    object" class (DETR), rather than independent sigmoids.
     Ranked by IoU; IoUs within :data:`IOU_TIE` of each other (rounded) rank by the probability
     of ``label`` (default: the query's best class). Queries with IoU 0 are never returned.
     """
@@ -109,16 +113,16 @@ def match_box(boxes: np.ndarray, probabilities: np.ndarray, box, size: tuple[int
     overlap = iou(boxes, box)
     p = probabilities.max(axis=1) if expected is None else probabilities[:, expected]
     order = np.lexsort((-p, -np.round(overlap / IOU_TIE)))
-    return [_match(q, boxes, probabilities, overlap, expected, labels)
+    return [_match(q, boxes, probabilities, overlap, expected, labels, no_object)
             for q in order[:int(k)] if overlap[q] > 0]
 
 
 def _match(q: int, boxes, probabilities, overlap, expected: int | None,
-           labels: tuple[str, ...]) -> BoxMatch:
+           labels: tuple[str, ...], no_object: bool) -> BoxMatch:
     row = probabilities[q].astype(np.float64)
     top = tuple((int(c), class_name(labels, int(c)), float(row[c]))
                 for c in np.argsort(-row, kind="stable")[:TOP])
     wanted = None if expected is None else (expected, class_name(labels, expected),
                                             float(row[expected]))
     return BoxMatch(int(q), tuple(float(v) for v in boxes[q]), float(overlap[q]), top, wanted,
-                    float(max(0.0, 1.0 - row.sum())))
+                    float(max(0.0, 1.0 - row.sum())) if no_object else None)

@@ -43,6 +43,7 @@ from detr_viz.errors import (
     WeightsUnavailableError,
     WrongVariantError,
 )
+from detr_viz.families import hf_family_of
 from detr_viz.hf_checkpoint import (
     checkpoint_variant,
     is_hf_checkpoint,
@@ -126,6 +127,12 @@ def load_model(
     target = resolve_device(device if device is not None else os.environ.get(DEVICE_ENV) or None)
     if variant is None and checkpoint is not None:
         path = resolve_checkpoint(DEFAULT_VARIANT, checkpoint)
+        if hf_family_of(path):  # Conditional DETR, DAB-DETR: transformers' code
+            from detr_viz.families import load_family
+
+            model = load_family(path, labels=labels, heads=heads, dilation=dilation)
+            LOG.info("detr-viz runs %s on %s", model.spec.title, describe_device(target))
+            return model.to(target)
         spec, state = read_model(path, labels=labels, heads=heads, dilation=dilation)
     else:
         variant = variant or DEFAULT_VARIANT
@@ -146,6 +153,10 @@ def describe_checkpoint(
     :func:`load_model` vets it, without building the model. ``peek``: read shapes only where
     the file format allows (memory-mapped ``.pth``, safetensors headers)."""
     path = Path(path).expanduser()
+    if hf_family_of(path):
+        from detr_viz.families import describe_family
+
+        return describe_family(path, labels=labels, heads=heads, dilation=dilation)
     return read_model(path, labels=labels, heads=heads, dilation=dilation, peek=peek)[0]
 
 

@@ -1,0 +1,161 @@
+"""Conditional DETR and DAB-DETR behind the one model interface: ``load_model``, ``analyze``,
+the methods registry and the catalog, with transformers' own eager attention as the oracle."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from test_hf_families import tiny_config  # noqa: E402
+from transformers import (  # noqa: E402
+    ConditionalDetrForObjectDetection,
+    DabDetrForObjectDetection,
+)
+
+from detr_viz import analyze, explain, load_model  # noqa: E402
+from detr_viz.catalog import find_checkpoints  # noqa: E402
+from detr_viz.download import WEIGHTS_ENV  # noqa: E402
+from detr_viz.errors import ArgumentError, NotADetrCheckpointError, WrongVariantError  # noqa: E402
+from detr_viz.families import HFDetector  # noqa: E402
+from detr_viz.image import load_image, preprocess  # noqa: E402
+from detr_viz.methods import METHOD, Explainer, decoder_maps, encoder_maps  # noqa: E402
+from detr_viz.weights import describe_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
+CLASSES = {"conditional_detr": ConditionalDetrForObjectDetection,
+           "dab_detr": DabDetrForObjectDetection}
+NAMES = ("cat", "dog", "bird")
+PHOTO = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 80, 3), np.uint8))
+SIZE = {"short_side": 96, "max_size": 128}  # a 3 x 4 feature grid
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for index, (family, cls) in enumerate(CLASSES.items()):
+        torch.manual_seed(10 + index)
+        model = cls(tiny_config(family))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        out[family] = tmp_path_factory.mktemp(family.replace("_", "-"))
+        model.save_pretrained(out[family])
+    return out
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_load_model_reads_the_family_and_analyze_gives_the_same_record(folders, family):
+    model = load_model(checkpoint=folders[family])
+    assert isinstance(model, HFDetector)
+    spec = model.spec
+    assert (spec.family, spec.num_classes, spec.labels, spec.num_queries) == (family, 3, NAMES, 7)
+    assert (spec.encoder_layers, spec.decoder_layers, spec.heads, spec.d_model) == (2, 2, 2, 32)
+    assert spec == describe_checkpoint(folders[family]) and spec.stride == 32
+    analysis = analyze(model, PHOTO, **SIZE)
+    assert analysis.feature_hw == (3, 4) and analysis.inputs is None
+    assert analysis.probabilities.shape == (7, 3) and analysis.num_heads == 2
+    dets = analysis.detections(0.0)
+    assert [d.name for d in dets] == [NAMES[d.label] for d in dets] and len(dets) == 7
+    assert set(analysis.terms) == {"content", "spatial"}
+    for layer in range(2):  # the full map is content x spatial, renormalised (both families)
+        full = analysis.decoder_attentions(list(range(7)), layer, 1)
+        product = (analysis.decoder_attentions(list(range(7)), layer, 1, "content")
+                   * analysis.decoder_attentions(list(range(7)), layer, 1, "spatial"))
+        np.testing.assert_allclose(full, product / product.sum(axis=(1, 2), keepdims=True),
+                                   rtol=1e-4, atol=1e-6)
+    match = analysis.queries_for_box(dets[0].box, k=1)[0]
+    assert match.no_object is None and "no object" not in match.sentence
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_captured_attention_is_transformers_own_in_float64(folders, family):
+    """Per layer and head, against ``output_attentions=True`` of the same weights. DAB-DETR
+    takes its softmax in float32 even in a float64 model (see detr_viz.hf_capture), so it is
+    compared within 1e-6; Conditional DETR within 1e-9."""
+    model = load_model(checkpoint=folders[family]).double()
+    analysis = analyze(model, PHOTO, **SIZE)
+    x = preprocess(load_image(PHOTO), **SIZE).tensor.double()
+    with torch.inference_mode():
+        want = model.hf(pixel_values=x, output_attentions=True)
+    atol = 1e-9 if family == "conditional_detr" else 1e-6
+    for layer in range(2):
+        for head in range(2):
+            np.testing.assert_allclose(
+                analysis.decoder_attentions(list(range(7)), layer, head).reshape(7, -1),
+                want.cross_attentions[layer][0, head], rtol=0, atol=atol)
+            np.testing.assert_allclose(analysis.encoder[layer].dense(head),
+                                       want.encoder_attentions[layer][0, head], rtol=0, atol=atol)
+            np.testing.assert_allclose(analysis.decoder_self[layer].dense(head),
+                                       want.decoder_attentions[layer][0, head], rtol=0, atol=atol)
+    np.testing.assert_allclose(analysis.probabilities, want.logits[0].sigmoid(), rtol=1e-6)
+    assert want.cross_attentions[-1].std() > 1e-3
+
+
+def test_dab_detr_anchor_boxes_through_the_layers(folders):
+    model = load_model(checkpoint=folders["dab_detr"])
+    analysis = analyze(model, PHOTO, **SIZE)
+    boxes = analysis.anchor_boxes(3)
+    assert boxes.shape == (3, 4)  # the anchor of each of 2 layers, then the final box
+    np.testing.assert_allclose(boxes[-1], analysis.boxes_xyxy()[3], rtol=1e-5)
+    width, height = analysis.original_size
+    cx, cy, w, h = analysis.anchors[1, 3]
+    np.testing.assert_allclose(boxes[1], [(cx - w / 2) * width, (cy - h / 2) * height,
+                                          (cx + w / 2) * width, (cy + h / 2) * height],
+                               rtol=1e-5)
+    conditional = analyze(load_model(checkpoint=folders["conditional_detr"]), PHOTO, **SIZE)
+    with pytest.raises(ArgumentError, match="no anchor boxes"):
+        conditional.anchor_boxes(0)
+    assert conditional.reference_points.shape == (7, 2)
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_methods_say_what_they_can_explain(folders, family):
+    model = load_model(checkpoint=folders[family])
+    analysis = analyze(model, PHOTO, **SIZE)
+    source = Explainer(model, analysis)
+    roll = decoder_maps(source, explain.ROLLOUT, [0, 5])
+    np.testing.assert_allclose(roll, explain.rollout(analysis).decoder_maps([0, 5]))
+    assert encoder_maps(source, explain.RAW, [(10, 10)])[0].shape == (3, 4)
+    why = METHOD[explain.RELEVANCE].unavailable(analysis)
+    assert why and "transformers' code" in why and "rollout" in why
+    with pytest.raises(ArgumentError, match="re-runs the transformer with gradients"):
+        decoder_maps(source, explain.RELEVANCE, [0])
+    assert METHOD[explain.ROLLOUT].unavailable(analysis) is None
+
+
+def test_user_values_and_labels_for_a_family(folders, tmp_path):
+    folder = folders["conditional_detr"]
+    with pytest.raises(WrongVariantError, match="heads = 2 .its config.json says so., not 8"):
+        load_model(checkpoint=folder, heads=8)
+    model = load_model(checkpoint=folder, labels=["ant", "bee", "cow"])
+    assert model.spec.labels == ("ant", "bee", "cow")
+    with pytest.raises(ArgumentError, match="lists 2 names, but the checkpoint has 3 classes"):
+        load_model(checkpoint=folder, labels=["ant", "bee"])
+
+
+def test_unsupported_model_types_say_what_is_supported(folders, tmp_path):
+    yolos = tmp_path / "yolos"
+    shutil.copytree(folders["conditional_detr"], yolos)
+    config = json.loads((yolos / "config.json").read_text())
+    (yolos / "config.json").write_text(json.dumps(config | {"model_type": "yolos"}))
+    with pytest.raises(NotADetrCheckpointError, match="yolos.*Conditional DETR"):
+        load_model(checkpoint=yolos)
+
+
+def test_the_catalog_lists_the_families(monkeypatch, folders, tmp_path):
+    weights = tmp_path / "weights"
+    for family, folder in folders.items():
+        shutil.copytree(folder, weights / family)
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights))
+    found = {f.path.name: f.spec for f in find_checkpoints()}
+    assert found["conditional_detr"].architecture.startswith("Conditional DETR")
+    assert found["dab_detr"].title.startswith("dab_detr (DAB-DETR ")
