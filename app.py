@@ -20,6 +20,7 @@ from detr_viz.ui.debugging import debugging_section
 from detr_viz.ui.decoder import decoder_section
 from detr_viz.ui.downloads import export_section
 from detr_viz.ui.encoder import DIRECTIONS, encoder_section, points_of
+from detr_viz.ui.family import family_section, has_family_views
 from detr_viz.ui.memo import memo
 from detr_viz.ui.photo import choose_photo
 from detr_viz.ui.resources import Run
@@ -98,6 +99,11 @@ def main() -> None:
                 key="detections")
     st.subheader("Decoder: what each detected object looks at")
     decoder_section(run, photo, threshold, method, style)
+    if has_family_views(run):
+        st.subheader(f"{run.spec.architecture}: content and spatial attention"
+                     + (", anchors through the layers" if run.analysis.anchors is not None
+                        else ""))
+        family_section(run, photo, threshold, style)
     st.subheader("Encoder: attention around a point")
     encoder_section(run, photo, threshold, method, style, points, linked=other is not None)
     if other is not None:

@@ -99,10 +99,9 @@ class Method:
 
     def unavailable(self, analysis: Analysis) -> str | None:
         """Why this method cannot explain ``analysis``'s model, or None."""
-        if self.replays and analysis.inputs is None:
-            return (f"{self.name.capitalize()} re-runs the transformer with gradients, which "
-                    f"detr-viz does for its own DETR only; {analysis.spec.architecture} runs "
-                    "in transformers' code. Raw attention and rollout explain it.")
+        if self.replays:
+            return replay_unavailable(analysis, f"{self.name.capitalize()} re-runs the "
+                                      "transformer with gradients")
         return None
 
     def tag(self, layer: int, head: int | None) -> str:
@@ -113,6 +112,16 @@ class Method:
         """Raise ArgumentError saying why, if :meth:`unavailable`."""
         if (why := self.unavailable(analysis)) is not None:
             raise ArgumentError(why)
+
+
+def replay_unavailable(analysis: Analysis, what: str) -> str | None:
+    """Why ``what`` (a computation that re-runs the transformer: gradients, deleted tokens,
+    re-drawn weights) cannot run on ``analysis``'s model, or None when it can."""
+    if analysis.inputs is not None:
+        return None
+    return (f"{what}, which detr-viz does for its own DETR only; "
+            f"{analysis.spec.architecture} runs in transformers' code. Raw attention and "
+            "rollout explain it.")
 
 
 def _needs_target(target: int | None) -> int:

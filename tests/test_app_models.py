@@ -4,6 +4,7 @@ class names, its own layers and heads, every method, and side by side with a rel
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,4 +131,96 @@ def test_side_by_side_with_a_released_model(page):
     page.sidebar.selectbox(key="compare-with").set_value("R50").run()
     assert_clean(page)
     assert any("Side by side: checkpoint0049 and R50" in s.value for s in page.subheader)
+    assert "compare-decoder" in charts(page)
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory, weights_dir) -> Path:
+    """The released stand-ins plus a Conditional DETR and a DAB-DETR (tiny, random weights)."""
+    from test_families import CLASSES
+    from test_hf_families import tiny_config
+
+    folder = tmp_path_factory.mktemp("families")
+    for path in weights_dir.iterdir():
+        (folder / path.name).symlink_to(path)
+    for index, (family, cls) in enumerate(CLASSES.items()):
+        torch.manual_seed(20 + index)
+        model = cls(tiny_config(family))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(folder / family.replace("_", "-"))
+    return folder
+
+
+@pytest.fixture
+def family_page(monkeypatch, family_dir, tmp_path) -> AppTest:
+    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(family_dir))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=240)
+    at.session_state["threshold"] = 0.0
+    yield at
+    st.cache_resource.clear()
+
+
+def pick(at: AppTest, name: str) -> None:
+    title = next(o for o in at.sidebar.selectbox(key="checkpoint").options
+                 if o.startswith(f"{name} ("))
+    at.sidebar.selectbox(key="checkpoint").set_value(title).run()
+
+
+def test_conditional_detr_on_the_page(family_page, family_dir):
+    page = family_page
+    page.run()
+    pick(page, "conditional-detr")
+    assert_clean(page)
+    model = load_model(checkpoint=family_dir / "conditional-detr")
+    analysis = analyze(model, SAMPLE.read_bytes())
+    titles = decoder_titles(page)
+    queries = [int(t.split(":")[0].removeprefix("query ")) for t in titles]
+    assert queries == [d.query for d in analysis.detections(0.0)[:len(queries)]]
+    assert all(t.split(": ")[1].rsplit(" ", 1)[0] in ("cat", "dog", "bird") for t in titles)
+    heat = [d for d in charts(page)["decoder-grid"]["data"] if d["type"] == "heatmap"][0]
+    np.testing.assert_allclose(array(heat["z"]), analysis.decoder_attention(queries[0]),
+                               rtol=1e-5, atol=1e-7)
+    terms = json.loads(next(c.proto.spec for c in page.get("plotly_chart")
+                            if c.proto.id.endswith("terms")))
+    names = [a["text"] for a in terms["layout"]["annotations"]]
+    assert names[:len(queries)] == [f"query {q} · full" for q in queries]
+    assert f"query {queries[0]} · spatial" in names and f"query {queries[0]} · content" in names
+    overlays = [d for d in terms["data"] if d["type"] == "heatmap"]
+    n = len(queries)
+    spatial = analysis.decoder_attention(queries[0], term="spatial")
+    np.testing.assert_allclose(array(overlays[2 * n]["z"]), spatial, rtol=1e-5, atol=1e-7)
+    assert "Faithfulness scores delete and insert" in " ".join(c.value for c in page.caption)
+    page.radio(key="method").set_value(explain.RELEVANCE).run()
+    assert not page.exception and not page.error
+    assert any("re-runs the transformer with gradients" in i.value for i in page.info)
+    assert "decoder-grid" not in charts(page)  # no map under relevance's name
+    page.radio(key="method").set_value(explain.ROLLOUT).run()
+    assert_clean(page)
+    roll = explain.rollout(analysis).decoder_maps(queries[:1])[0]
+    heat = [d for d in charts(page)["decoder-grid"]["data"] if d["type"] == "heatmap"][0]
+    np.testing.assert_allclose(array(heat["z"]), roll, rtol=1e-4, atol=1e-7)
+
+
+def test_dab_detr_anchors_and_a_comparison_with_detr(family_page, family_dir):
+    page = family_page
+    page.run()
+    pick(page, "dab-detr")
+    assert_clean(page)
+    analysis = analyze(load_model(checkpoint=family_dir / "dab-detr"), SAMPLE.read_bytes())
+    anchors = json.loads(next(c.proto.spec for c in page.get("plotly_chart")
+                              if c.proto.id.endswith("anchors")))
+    best = analysis.detections(0.0)[0]
+    outline = [d for d in anchors["data"] if d.get("text", "").startswith(f"query {best.query} ")]
+    assert [d["text"].split(": ")[1] for d in outline] == [
+        "anchor of layer 1", "anchor of layer 2", "final box"]
+    x0, y0, x1, y1 = analysis.anchor_boxes(best.query)[0]
+    np.testing.assert_allclose(array(outline[0]["x"]), [x0, x1, x1, x0, x0], rtol=1e-5)
+    page.sidebar.selectbox(key="compare-with").set_value("R50").run()
+    assert_clean(page)
+    assert any("Side by side: dab-detr and R50" in s.value for s in page.subheader)
     assert "compare-decoder" in charts(page)

@@ -8,7 +8,7 @@ from detr_viz import compare, compare_figures
 from detr_viz.explain import RELEVANCE
 from detr_viz.ui import layers
 from detr_viz.ui.encoder import DIRECTIONS
-from detr_viz.ui.maps import decoder_maps, encoder_maps
+from detr_viz.ui.maps import decoder_maps, encoder_maps, unavailable
 from detr_viz.ui.resources import Photo, Run
 
 MAX_PAIRS = 4
@@ -18,6 +18,10 @@ MAX_PAIRS = 4
 def compare_section(a: Run, b: Run, photo: Photo, threshold: float, method: str, style: dict,
                     points: list[tuple[float, float]]) -> None:
     labels = (a.spec.short, b.spec.short)
+    why = unavailable(a, method) or unavailable(b, method)
+    if why is not None:
+        st.info(why)
+        return
     matching = compare.match_detections(a.analysis.detections(threshold),
                                         b.analysis.detections(threshold))
     st.caption(f"{len(matching.pairs)} objects found by both ({labels[0]} and {labels[1]}: same "

@@ -19,9 +19,10 @@ from detr_viz.display import display_to_original
 from detr_viz.edges import EDGES, edge_relevance
 from detr_viz.explain import METHODS, RAW, RELEVANCE
 from detr_viz.matching import BoxMatch
+from detr_viz.methods import replay_unavailable
 from detr_viz.spec import class_name
 from detr_viz.ui import charts, layers, resources
-from detr_viz.ui.maps import decoder_maps
+from detr_viz.ui.maps import decoder_maps, unavailable
 from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 from detr_viz.ui.scores import describe
@@ -53,6 +54,9 @@ def debugging_section(run: Run, photo: Photo, threshold: float, method: str,
 
 
 def _composite(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
+    if (why := unavailable(run, method)) is not None:
+        st.info(why)
+        return
     layer, head = layers.current("dec", run.analysis)
     queries = [d.query for d in kept]
     maps = decoder_maps(photo, run, method, queries, layer, head)
@@ -136,6 +140,9 @@ def _top(match: BoxMatch) -> str:
 def _match_maps(run: Run, photo: Photo, matches: list[BoxMatch], method: str,
                 style: dict) -> None:
     """Each matched query's map; relevance for the expected class (else its prediction)."""
+    if (why := unavailable(run, method)) is not None:
+        st.info(why)
+        return
     queries = [m.query for m in matches]
     labels = [m.top[0][0] if m.expected is None else m.expected[0] for m in matches]
     layer, head = layers.current("dec", run.analysis)
@@ -178,6 +185,11 @@ def _detection(run: Run, kept: list[Detection], key: str) -> Detection:
 
 
 def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
+    why = replay_unavailable(run.analysis, "The relevance of box edges differentiates the "
+                             "box coordinates through the transformer")
+    if why is not None:
+        st.info(why)
+        return
     det = _detection(run, kept, "dbg-edges-query")
     with resources.editing(photo, run, "edges") as store:
         if det.query not in store.items:
@@ -194,6 +206,11 @@ def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
 
 
 def _sanity(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
+    why = replay_unavailable(run.analysis, "The sanity check re-draws the transformer's "
+                             "weights and re-runs it")
+    if why is not None:
+        st.info(why)
+        return
     det = _detection(run, kept, "dbg-sanity-query")
     chosen = st.multiselect("Methods", METHODS, default=[method], key="dbg-sanity-methods")
     layer, head = layers.current("dec", run.analysis)

@@ -8,7 +8,7 @@ from detr_viz import figures, overview
 from detr_viz.analysis import Detection
 from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers, scores
-from detr_viz.ui.maps import decoder_maps, tag
+from detr_viz.ui.maps import decoder_maps, tag, unavailable
 from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 
@@ -41,6 +41,12 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
                         "to raw attention and to the overview below.")
     shown = shown_detections(run, photo, threshold)
     queries = [d.query for d in shown]
+    why = unavailable(run, method)
+    if why is not None:  # never another method's maps under this one's name
+        st.info(why)
+        if shown:
+            _overview(run, photo, shown, (layer, head), style)
+        return
 
     def build():
         maps = decoder_maps(photo, run, method, queries, layer, head)

@@ -11,7 +11,7 @@ from detr_viz.analysis import INCOMING, OUTGOING, Analysis
 from detr_viz.display import display_to_original, pixel_box
 from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers
-from detr_viz.ui.maps import encoder_maps
+from detr_viz.ui.maps import encoder_maps, unavailable
 from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 from detr_viz.ui.scores import describe
@@ -82,7 +82,8 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         "Encoder map shows", list(DIRECTIONS), key="enc-direction", horizontal=True,
         help="Column (the notebook's reading) or row of the encoder self-attention at the "
              "clicked cell.")]
-    target = target_of(run, threshold) if method == RELEVANCE else None
+    why = unavailable(run, method)
+    target = target_of(run, threshold) if method == RELEVANCE and why is None else None
     left, right = st.columns([1, 1])
     last = points[-1] if points else None
     with left:
@@ -92,6 +93,9 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             key=f"click-{photo.digest}", use_column_width="always", image_format="JPEG",
             jpeg_quality=85, cursor="crosshair")
         st.button("Clear points", disabled=not points, on_click=points.clear, key="clear-points")
+    if why is not None:
+        right.info(why)
+        return
 
     def one(point):  # a new click computes only its own map
         key = ("encoder map", photo.digest, *run.key, method, layer, head, direction, target,

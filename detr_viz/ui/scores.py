@@ -9,6 +9,7 @@ import streamlit as st
 from detr_viz.analysis import Detection
 from detr_viz.explain import METHODS, RAW
 from detr_viz.faithfulness import ranking
+from detr_viz.methods import replay_unavailable
 from detr_viz.ui import layers, resources
 from detr_viz.ui.maps import decoder_maps, tag
 from detr_viz.ui.resources import Photo, Run
@@ -17,6 +18,11 @@ from detr_viz.ui.resources import Photo, Run
 def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np.ndarray],
               method_tag: str) -> None:
     """The buttons that compute, then a caption per shown map with its score once computed."""
+    why = replay_unavailable(run.analysis, "Faithfulness scores delete and insert encoder "
+                             "tokens and re-run the transformer")
+    if why is not None:
+        st.caption(why)
+        return
     left, right = st.columns([1, 2])
     clicked = left.button(
         "Score these maps", key="score-page",
