@@ -51,8 +51,32 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
+    """The released stand-ins, a fine-tuned DETR training checkpoint (3 classes, 50 queries,
+    4 + 3 layers of 4 heads) and a small Conditional DETR folder."""
+    import argparse
+
+    import torch
+
+    from detr_viz.model import build_model
+    from detr_viz.spec import ModelSpec
+    from detr_viz.testing import planted_state_dict
+
     folder = tmp_path_factory.mktemp("weights")
     write_weights_folder(str(folder), (R50, DC5))
+    spec = ModelSpec(num_classes=3, labels=("a", "b", "c"), num_queries=50, encoder_layers=4,
+                     decoder_layers=3, heads=4, d_model=128, ffn_dim=256, official=False)
+    torch.manual_seed(0)
+    torch.save({"model": planted_state_dict(build_model(spec), sharpness=3.0),
+                "args": argparse.Namespace(nheads=4, dilation=False)}, folder / "helmets.pth")
+    from test_families import CLASSES
+    from test_hf_families import tiny_config
+
+    torch.manual_seed(5)
+    conditional = CLASSES["conditional_detr"](tiny_config("conditional_detr"))
+    with torch.no_grad():
+        for p in conditional.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    conditional.save_pretrained(folder / "conditional-detr")
     return folder
 
 
@@ -262,4 +286,47 @@ def test_side_by_side_with_dc5_once(page, analysis):
     page.screenshot(path=str(SHOTS / "browser-compare.png"), full_page=True)
     assert page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].some(p => "
                          "p.data.some(t => (t.name || '').endsWith(' 16 px')))")
+    assert not page.get_by_text("Traceback").count()
+
+
+def pick_checkpoint(page, prefix: str) -> None:
+    page.get_by_role("combobox", name="Checkpoint").click()
+    page.get_by_role("option", name=prefix).first.click()
+    page.get_by_text(f"Checkpoint: {prefix}").wait_for(timeout=300_000)
+    settled(page)
+
+
+def wait_for_maps(page, want: np.ndarray) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = decoder_maps(page)
+        if len(got) == len(want) and np.allclose(got, want, rtol=1e-4, atol=1e-6):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the page's decoder maps are not the library's ({len(decoder_maps(page))} "
+                f"maps for {len(want)})")
+
+
+def test_a_finetuned_detr_and_a_conditional_detr_picked_and_read_back(page, analysis,
+                                                                      weights_dir):
+    image, _, _ = analysis
+    page.get_by_role("slider").first.focus()
+    page.keyboard.press("Home")  # threshold 0: random weights, every query is a detection
+    settled(page)
+    for prefix, path in (("helmets (DETR R50", "helmets.pth"),
+                         ("conditional-detr (Conditional DETR", "conditional-detr")):
+        pick_checkpoint(page, prefix)
+        head = page.get_by_role("combobox", name="Head", exact=True).first
+        head.scroll_into_view_if_needed()
+        head.click()  # the overview test chose head 4: back to the mean
+        page.keyboard.type("mean of")
+        page.keyboard.press("Enter")
+        settled(page)
+        model = load_model(checkpoint=weights_dir / path)
+        mine = analyze(model, io.BytesIO(image.read_bytes()))
+        queries = [d.query for d in mine.detections(0.0)][:4]
+        wait_for_maps(page, mine.decoder_attentions(queries))
+        time.sleep(1)
+        page.screenshot(path=str(SHOTS / f"browser-{path.split('.')[0]}.png"), full_page=True)
+    assert page.get_by_text("content and spatial attention").count()
     assert not page.get_by_text("Traceback").count()
