@@ -3,6 +3,8 @@
     python -m benchmarks.page                      # this checkout and the baseline, R50 + DC5
     python -m benchmarks.page --baseline c4dde06   # the page as it was at another commit
     python -m benchmarks.page --quick              # 3 repeats instead of 7
+    python -m benchmarks.page --families --baseline ''   # also a fine-tuned DETR, Conditional
+                                                   # DETR and DAB-DETR, picked on the page
 
 ``streamlit run app.py`` serves on loopback through ``benchmarks/timed_server.py``, which logs
 every script run (whole page or fragment): its server time and the bytes of the messages it
@@ -18,6 +20,12 @@ interaction, waiting for the page to settle after each:
   sidebar;
 - time to the first heatmaps after the upload: from the drop to a settled page (browser wall
   time), with the server time of the runs in between.
+
+With ``--families``, the same interactions on three checkpoints picked from the page's
+Checkpoint list: a fine-tuned DETR (R50, 3 classes, 50 queries, a DETR training checkpoint) and
+transformers' Conditional DETR and DAB-DETR at the released sizes (ResNet-50, 6 + 6 layers of 8
+heads, 300 queries), random weights saved with ``save_pretrained``; the threshold starts at 0.30
+so that random scores still give detections.
 
 The baseline is the same app at another commit (default: the last release, c4dde06), exported
 with ``git archive`` into a temporary folder and served the same way, in the same run. Weights:
@@ -137,9 +145,9 @@ class Driver:
         thumb.focus()
         thumb.press(key)
 
-    def choose(self, label: str, option: str) -> None:
-        self.page.get_by_role("combobox", name=label).first.click()
-        self.page.get_by_role("option", name=option, exact=True).click()
+    def choose(self, label: str, option: str, exact: bool = True) -> None:
+        self.page.get_by_role("combobox", name=label, exact=True).first.click()
+        self.page.get_by_role("option", name=option, exact=exact).first.click()
 
     def click_photo(self, fx: float, fy: float) -> None:
         frame = self.page.frame_locator("iframe[title*='streamlit_image_coordinates']")
@@ -182,14 +190,58 @@ def interactions(d: Driver, repeats: int) -> dict[str, list[list[dict]]]:
     return out
 
 
+FAMILIES = {"fine-tuned DETR": "finetuned (", "Conditional DETR": "conditional-detr (",
+            "DAB-DETR": "dab-detr ("}  # variant -> the start of its Checkpoint option
+
+
+def family_weights(work: Path, stand_ins: Path) -> Path:
+    """The stand-ins plus the three checkpoints of ``--families`` (random weights)."""
+    import argparse
+
+    import torch
+    from transformers import (
+        ConditionalDetrConfig,
+        ConditionalDetrForObjectDetection,
+        DabDetrConfig,
+        DabDetrForObjectDetection,
+        ResNetConfig,
+    )
+
+    from detr_viz.model import build_model
+    from detr_viz.spec import ModelSpec
+
+    folder = work / "family-weights"
+    folder.mkdir()
+    for path in stand_ins.iterdir():
+        (folder / path.name).symlink_to(path)
+    spec = ModelSpec(num_classes=3, labels=("a", "b", "c"), num_queries=50, official=False)
+    torch.save({"model": build_model(spec).state_dict(),
+                "args": argparse.Namespace(nheads=8, dilation=False)}, folder / "finetuned.pth")
+    common = {"num_queries": 300, "num_labels": 91,
+              "backbone_config": ResNetConfig(out_features=["stage4"])}
+    ConditionalDetrForObjectDetection(ConditionalDetrConfig(**common)).save_pretrained(
+        folder / "conditional-detr")
+    DabDetrForObjectDetection(DabDetrConfig(**common)).save_pretrained(folder / "dab-detr")
+    return folder
+
+
 def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new: bool,
-            work: Path) -> dict[str, dict]:
+            work: Path, families: Path | None = None) -> dict[str, dict]:
     results = {}
-    for variant, stride in (("R50", None), ("R50-DC5", "DC5 (stride 16)")):
-        server = Server(folder, weights, work / f"{'new' if new else 'old'}-{variant}.jsonl")
+    variants = [("R50", None), ("R50-DC5", "DC5 (stride 16)")]
+    variants += [(name, "pick") for name in FAMILIES] if families else []
+    for variant, stride in variants:
+        server = Server(folder, families if stride == "pick" else weights,
+                        work / f"{'new' if new else 'old'}-{variant}.jsonl")
         try:
             d = Driver(browser, server, new)
-            if stride:
+            if stride == "pick":
+                d.act(lambda d=d, v=variant: d.choose("Checkpoint", FAMILIES[v], exact=False))
+                d.page.get_by_role("slider", name="Confidence threshold").focus()
+                d.act(lambda d=d: d.page.keyboard.press("Home"))
+                for _ in range(30):  # 0.30: random weights still give detections
+                    d.act(lambda d=d: d.page.keyboard.press("ArrowRight"))
+            elif stride:
                 d.act(lambda d=d, s=stride: d.radio(s))
             start = time.perf_counter()
             runs = d.act(lambda d=d: d.upload(photo))
@@ -236,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = common_arguments(__doc__.splitlines()[0], repeats=7, quick_repeats=3)
     parser.add_argument("--baseline", default="c4dde06",
                         help="commit whose page is measured beside this checkout's ('' : none)")
+    parser.add_argument("--families", action="store_true",
+                        help="also a fine-tuned DETR, Conditional DETR and DAB-DETR (this "
+                             "checkout only)")
     args = resolve(parser.parse_args(argv))
     if CHROMIUM is None:
         sys.exit("needs Debian's chromium: apt-get install -y chromium")
@@ -255,9 +310,10 @@ def main(argv: list[str] | None = None) -> None:
         rows, first = [], []
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            families = family_weights(work, weights) if args.families else None
             for label, folder, new in checkouts:
-                r, f = report(measure(browser, folder, weights, photo, args.repeats, new, work),
-                              label)
+                r, f = report(measure(browser, folder, weights, photo, args.repeats, new, work,
+                                      families if new else None), label)
                 rows += r
                 first += f
             browser.close()
