@@ -3,6 +3,7 @@
 Library entry points (all usable in a notebook, none imports streamlit):
 
     model = load_model("detr_resnet50")          # official weights, cached locally
+    model = load_model(checkpoint="ckpt.pth", labels="classes.txt")  # your own DETR, any size
     analysis = analyze(model, "photo.jpg")       # one forward pass, everything captured
     analysis.detections(0.9)                     # boxes in photo pixels
     analysis.decoder_attention(query)            # (h, w) map of one object query
@@ -18,6 +19,7 @@ from detr_viz.errors import (
     DetrVizError,
     DeviceUnavailableError,
     ImageError,
+    MissingDependencyError,
     NotADetrCheckpointError,
     UnsafeCheckpointError,
     WeightsError,
@@ -27,6 +29,7 @@ from detr_viz.errors import (
 from detr_viz.geometry import FeatureGrid
 from detr_viz.image import ModelInput, load_image, preprocess
 from detr_viz.model import DETR, VARIANTS, build_model
+from detr_viz.spec import ModelSpec
 from detr_viz.weights import load_model
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "DeviceUnavailableError",
     "FeatureGrid",
     "ImageError",
+    "MissingDependencyError",
+    "ModelSpec",
     "ModelInput",
     "NotADetrCheckpointError",
     "UnsafeCheckpointError",

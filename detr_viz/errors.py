@@ -40,6 +40,10 @@ class WrongVariantError(WeightsError):
     """The checkpoint is a DETR state dict, but for another variant."""
 
 
+class MissingDependencyError(DetrVizError):
+    """A package a feature needs is not installed (transformers, for Conditional DETR)."""
+
+
 class DeviceUnavailableError(DetrVizError):
     """The device asked for (a CUDA GPU, Apple's MPS) cannot be used on this machine."""
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_viz.analysis import Analysis, _frozen
-from detr_viz.errors import WrongVariantError
+from detr_viz.errors import MissingDependencyError, WrongVariantError
 from detr_viz.geometry import FeatureGrid
 from detr_viz.hf_capture import capture_hf
 from detr_viz.hf_families import FAMILIES, open_hf_family, read_family_config
@@ -101,9 +101,16 @@ def load_family(path: str | os.PathLike[str], *, labels: Labels | None = None,
                 heads: int | None = None, dilation: bool | None = None,
                 dtype: torch.dtype = torch.float32) -> HFDetector:
     """The checkpoint at ``path`` as an :class:`HFDetector` (CPU, eval mode, no gradients)."""
-    from detr_viz.hf_families import load_hf_family
-
     spec = describe_family(path, labels=labels, heads=heads, dilation=dilation)
+    try:
+        import transformers  # noqa: F401  (what load_hf_family imports, checked here)
+
+        from detr_viz.hf_families import load_hf_family
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{spec.architecture} runs in Hugging Face transformers' code, which is not "
+            f"installed here ({exc}). Install detr-viz's requirements: python -m pip install "
+            "-r requirements.txt -c requirements.lock") from exc
     return HFDetector(load_hf_family(path, dtype=dtype), spec).eval().requires_grad_(False)
 
 

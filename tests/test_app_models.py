@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import streamlit as st
 import torch
+import torchvision
 from streamlit.testing.v1 import AppTest
 
 from detr_viz import analyze, explain, load_model
@@ -115,6 +116,12 @@ def test_a_typed_path_and_what_the_checkpoint_does_not_record(page, finetuned_di
     page.sidebar.text_input(key="checkpoint-path").input(str(finetuned_dir / "nope.pth")).run()
     assert not page.exception
     assert any("does not exist" in e.value for e in page.error)
+    classifier = finetuned_dir.parent / "resnet18.pth"  # a classifier's state dict
+    torch.save(torchvision.models.resnet18().state_dict(), classifier)
+    page.sidebar.text_input(key="checkpoint-path").input(str(classifier)).run()
+    assert not page.exception
+    assert any("is not a DETR checkpoint: it has no class_embed.weight" in e.value
+               and "keys such as conv1.weight" in e.value for e in page.error)
     page.sidebar.text_input(key="checkpoint-path").input(f'"{finetuned_dir / "bare.pth"}"').run()
     assert not page.exception
     assert any("assumed: 8 heads" in w.value for w in page.warning)

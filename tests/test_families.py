@@ -159,3 +159,20 @@ def test_the_catalog_lists_the_families(monkeypatch, folders, tmp_path):
     found = {f.path.name: f.spec for f in find_checkpoints()}
     assert found["conditional_detr"].architecture.startswith("Conditional DETR")
     assert found["dab_detr"].title.startswith("dab_detr (DAB-DETR ")
+
+
+def test_without_transformers_the_message_says_what_to_install(folders, monkeypatch):
+    import builtins
+
+    from detr_viz.errors import MissingDependencyError
+
+    real = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    with pytest.raises(MissingDependencyError, match="pip install -r requirements.txt"):
+        load_model(checkpoint=folders["conditional_detr"])

@@ -8,13 +8,16 @@ import streamlit as st
 
 from detr_viz import debug_figures, export, figures
 from detr_viz.ui import resources
-from detr_viz.ui.maps import decoder_maps, encoder_maps, tag
+from detr_viz.ui.maps import decoder_maps, encoder_maps, tag, unavailable
 from detr_viz.ui.resources import Photo, Run
 
 
 def export_section(run: Run, photo: Photo, view: Callable[[], export.View], style: dict) -> None:
     """``view`` returns the choices of the moment (points and layers chosen in fragments)."""
     analysis = run.analysis
+    if (why := unavailable(run, view().method)) is not None:
+        st.caption(f"Nothing to export for this method: {why}")
+        return
 
     def content():
         v = view()
