@@ -137,7 +137,7 @@ class Driver:
         if not self.new:
             self.page.get_by_text("Upload a photo").click()
             self.settle()
-        self.page.locator("input[type=file]").set_input_files(str(photo))
+        self.page.locator("[data-testid=stMain] input[type=file]").set_input_files(str(photo))
         self.page.get_by_text(f"{photo.name}: ").first.wait_for(timeout=600_000)
 
     def slider(self, label: str, key: str) -> None:

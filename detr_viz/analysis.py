@@ -74,7 +74,9 @@ class Analysis:
     DAB-DETR: ``"content"`` and ``"spatial"``, each the softmax of its term of the logits
     alone; see :mod:`detr_viz.hf_capture`). ``anchors``: (decoder layers, Q, 4) normalised
     cxcywh box each decoder layer starts from (DAB-DETR); ``reference_points``: (Q, 2)
-    normalised (cx, cy) of each query (Conditional DETR).
+    normalised (cx, cy) of each query (Conditional DETR). ``pixels``: the model input
+    (1, 3, H, W) for families run in transformers' code, which gradient methods run again
+    (:mod:`detr_viz.explain_hf`); None for DETR, whose ``inputs`` suffice.
     """
 
     spec: ModelSpec
@@ -88,6 +90,7 @@ class Analysis:
     terms: Mapping[str, tuple[AttentionFactors, ...]] = field(default_factory=dict)
     anchors: np.ndarray | None = None
     reference_points: np.ndarray | None = None
+    pixels: torch.Tensor | None = None
 
     @property
     def variant(self) -> str:

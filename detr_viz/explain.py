@@ -241,7 +241,18 @@ def _classes(analysis: Analysis, queries: list[int], classes: Sequence[int] | No
 
 
 def _decoder_rows(grads: list[dict], fused: dict, queries: list[int], layers: int) -> Tensor:
-    """``w = R_qi[query]`` before the encoder, for each target: (n, N).
+    """``w = R_qi[query]`` before the encoder, for each target: (n, N) (see :func:`rows_of`)."""
+    def cam(key):
+        return mean_attention(fused[key], torch.cat([g[key] for g in grads]))
+
+    return rows_of(((cam(("decoder_self", i)), cam(("decoder", i))) for i in range(layers)),
+                   queries)
+
+
+def rows_of(layers, queries: list[int]) -> Tensor:
+    """``w = R_qi[query]`` before the encoder, for each target: (n, N), from each decoder
+    layer's gradient-weighted (self-attention (n, Q, Q), cross-attention (n, Q, N)), first
+    layer first.
 
     The decoder rules with ``norm(R_ii)`` factored out: ``R_qi = W norm(R_ii)`` with
     ``W <- (I + S_l) W + norm(R_qq)^T C_l``, since the encoder's ``norm(R_ii)`` is the same in
@@ -249,10 +260,7 @@ def _decoder_rows(grads: list[dict], fused: dict, queries: list[int], layers: in
     ``hat`` is ``R_qq - I``, updated as ``hat <- hat + S (I + hat)``.
     """
     hat, w = None, None
-    for layer in range(layers):
-        key_s, key_c = ("decoder_self", layer), ("decoder", layer)
-        s = mean_attention(fused[key_s], torch.cat([g[key_s] for g in grads]))  # (n, Q, Q)
-        c = mean_attention(fused[key_c], torch.cat([g[key_c] for g in grads]))  # (n, Q, N)
+    for s, c in layers:
         hat = s if hat is None else hat + s + s @ hat
         w = torch.zeros_like(c) if w is None else w + s @ w
         w = w + _normalised(hat).transpose(1, 2) @ c
@@ -306,6 +314,12 @@ def target_relevance(model: DETR, analysis: Analysis, queries: Sequence[int], ta
     h, w = analysis.feature_hw
     if not queries:
         return analysis.encoder[0].q.new_zeros(0, h, w).numpy()
+    if analysis.inputs is None:  # a family run in transformers' code
+        from detr_viz.explain_hf import hf_cams
+
+        encoder, decoder = hf_cams(model, analysis, target, len(queries))
+        maps = _relevance_map(encoder, rows_of(decoder, queries))
+        return maps.reshape(-1, h, w).cpu().numpy()
     grads, fused = _gradients(model, analysis, target, batched)
     if len(grads) != len(queries):
         raise ArgumentError(f"the target gave {len(grads)} scalars for {len(queries)} queries.")
@@ -344,6 +358,12 @@ def encoder_relevance(model: DETR, analysis: Analysis, query: int,
     """:class:`EncoderRelevance` of ``query`` for class ``label`` (default: its prediction)."""
     queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
+    if analysis.inputs is None:  # a family run in transformers' code
+        from detr_viz.explain_hf import hf_cams
+
+        encoder, _ = hf_cams(model, analysis, class_target(queries, labels), 1)
+        return EncoderRelevance(analysis, queries[0], labels[0],
+                                tuple(layer[0].cpu() for layer in encoder))
     grads, fused = _gradients(model, analysis, class_target(queries, labels))
     layers = tuple(layer[0].cpu() for layer in _encoder_layers(grads, fused, analysis.num_layers))
     return EncoderRelevance(analysis, queries[0], labels[0], layers)

@@ -130,4 +130,5 @@ def analyze_hf(model: HFDetector, model_input: ModelInput) -> Analysis:
         anchors=None if cap.anchors is None else _frozen(np.asarray(cap.anchors.numpy())),
         reference_points=None if cap.reference_points is None else _frozen(
             cap.reference_points.numpy()),
+        pixels=model_input.tensor.detach().cpu(),
     )

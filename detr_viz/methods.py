@@ -83,8 +83,9 @@ class Method:
 
     ``per_layer``: its maps are of one layer and head (the controls apply); otherwise it
     combines them all. ``explains_class``: it explains one detection's class score (the encoder
-    map needs a ``target`` detection). ``replays``: it runs the model's transformer again
-    (gradients), which detr-viz does for its own DETR only. ``decoder(source, queries, layer,
+    map needs a ``target`` detection). ``replays``: it runs the model again (gradients: from
+    the captured transformer inputs for DETR, from the analysed input for families run in
+    transformers' code, :mod:`detr_viz.explain_hf`). ``decoder(source, queries, layer,
     head)`` gives (n, h, w) maps; ``encoder(source, points, layer, head, direction, target)``
     one (h, w) map per point (photo pixels).
     """
@@ -99,9 +100,9 @@ class Method:
 
     def unavailable(self, analysis: Analysis) -> str | None:
         """Why this method cannot explain ``analysis``'s model, or None."""
-        if self.replays:
-            return replay_unavailable(analysis, f"{self.name.capitalize()} re-runs the "
-                                      "transformer with gradients")
+        if self.replays and analysis.inputs is None and analysis.pixels is None:
+            return (f"{self.name.capitalize()} re-runs the model with gradients, and this "
+                    "analysis kept no input to run it on; analyse the photo again.")
         return None
 
     def tag(self, layer: int, head: int | None) -> str:

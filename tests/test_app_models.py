@@ -203,9 +203,14 @@ def test_conditional_detr_on_the_page(family_page, family_dir):
     np.testing.assert_allclose(array(overlays[2 * n]["z"]), spatial, rtol=1e-5, atol=1e-7)
     assert "Faithfulness scores delete and insert" in " ".join(c.value for c in page.caption)
     page.radio(key="method").set_value(explain.RELEVANCE).run()
-    assert not page.exception and not page.error
-    assert any("re-runs the transformer with gradients" in i.value for i in page.info)
-    assert "decoder-grid" not in charts(page)  # no map under relevance's name
+    assert_clean(page)  # relevance from transformers' own attention and gradients
+    heat = [d for d in charts(page)["decoder-grid"]["data"] if d["type"] == "heatmap"][0]
+    np.testing.assert_allclose(array(heat["z"]), explain.relevance(model, analysis,
+                                                                   queries[:1])[0],
+                               rtol=1e-4, atol=1e-6 * np.abs(array(heat["z"])).max())
+    page.toggle(key="dbg-sanity-on").set_value(True).run()  # needs a replay: says why
+    assert any("The sanity check re-draws" in i.value and "transformers' code" in i.value
+               for i in page.info)
     page.radio(key="method").set_value(explain.ROLLOUT).run()
     assert_clean(page)
     roll = explain.rollout(analysis).decoder_maps(queries[:1])[0]

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 
@@ -27,7 +28,13 @@ from detr_viz.download import WEIGHTS_ENV  # noqa: E402
 from detr_viz.errors import ArgumentError, NotADetrCheckpointError, WrongVariantError  # noqa: E402
 from detr_viz.families import HFDetector  # noqa: E402
 from detr_viz.image import load_image, preprocess  # noqa: E402
-from detr_viz.methods import METHOD, Explainer, decoder_maps, encoder_maps  # noqa: E402
+from detr_viz.methods import (  # noqa: E402
+    METHOD,
+    Explainer,
+    decoder_maps,
+    encoder_maps,
+    replay_unavailable,
+)
 from detr_viz.weights import describe_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
@@ -125,10 +132,12 @@ def test_methods_say_what_they_can_explain(folders, family):
     roll = decoder_maps(source, explain.ROLLOUT, [0, 5])
     np.testing.assert_allclose(roll, explain.rollout(analysis).decoder_maps([0, 5]))
     assert encoder_maps(source, explain.RAW, [(10, 10)])[0].shape == (3, 4)
-    why = METHOD[explain.RELEVANCE].unavailable(analysis)
+    assert decoder_maps(source, explain.RELEVANCE, [0]).shape == (1, 3, 4)
+    why = replay_unavailable(analysis, "Faithfulness scores re-run the transformer")
     assert why and "transformers' code" in why and "rollout" in why
-    with pytest.raises(ArgumentError, match="re-runs the transformer with gradients"):
-        decoder_maps(source, explain.RELEVANCE, [0])
+    kept_nothing = dataclasses.replace(analysis, pixels=None)
+    with pytest.raises(ArgumentError, match="kept no input"):
+        decoder_maps(Explainer(model, kept_nothing), explain.RELEVANCE, [0])
     assert METHOD[explain.ROLLOUT].unavailable(analysis) is None
 
 
@@ -176,3 +185,57 @@ def test_without_transformers_the_message_says_what_to_install(folders, monkeypa
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(MissingDependencyError, match="pip install -r requirements.txt"):
         load_model(checkpoint=folders["conditional_detr"])
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_relevance_follows_detrs_rule_in_float64(folders, family):
+    """Oracle: the rule in full matrices (tests/dense_oracle.py's handle_residual), with
+    ``dy/dA`` from a graph through the whole model (pixels and learned queries as leaves)."""
+    from dense_oracle import handle_residual
+
+    model = load_model(checkpoint=folders[family]).double()
+    analysis = analyze(model, PHOTO, **SIZE)
+    queries, classes = [0, 4], [1, 2]
+    got = explain.relevance(model, analysis, queries, classes)
+    inner = model.hf.model
+    embedding = getattr(inner, "query_position_embeddings", None) or inner.query_refpoint_embeddings
+    for i, (query, label) in enumerate(zip(queries, classes, strict=True)):
+        embedding.weight.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                pixels = analysis.pixels.double().requires_grad_()
+                out = model.hf(pixel_values=pixels, output_attentions=True)
+                maps = [*out.encoder_attentions, *out.decoder_attentions, *out.cross_attentions]
+                grads = torch.autograd.grad(out.logits[0, query, label], maps)
+        finally:
+            embedding.weight.requires_grad_(False)
+        cams = [(g * a).clamp(min=0).mean(1)[0].detach() for g, a in zip(grads, maps,
+                                                                         strict=True)]
+        enc, dec_self, cross = cams[:2], cams[2:4], cams[4:]
+        n, q = enc[0].shape[0], dec_self[0].shape[0]
+        r_ii = torch.eye(n, dtype=torch.float64)
+        for a in enc:
+            r_ii = r_ii + a @ r_ii
+        r_qq, r_qi = torch.eye(q, dtype=torch.float64), torch.zeros(q, n, dtype=torch.float64)
+        for s, c in zip(dec_self, cross, strict=True):
+            r_qq, r_qi = r_qq + s @ r_qq, r_qi + s @ r_qi
+            r_qi = r_qi + handle_residual(r_qq).T @ (c @ handle_residual(r_ii))
+        want = r_qi[query].reshape(analysis.feature_hw).numpy()
+        assert want.max() > 0
+        np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-12 * want.max())
+    point = (30.0, 20.0)
+    rel = explain.encoder_relevance(model, analysis, 4, 2)
+    assert rel.encoder_map(point).shape == analysis.feature_hw
+    assert METHOD[explain.RELEVANCE].unavailable(analysis) is None
+
+
+def test_box_edge_relevance_for_a_family(folders):
+    """Edges use the same gradient path: each edge's map is the relevance of that box
+    coordinate, so the four differ, and the map of a detection's class logit is not one of them."""
+    from detr_viz.edges import edge_relevance
+
+    model = load_model(checkpoint=folders["dab_detr"]).double()
+    analysis = analyze(model, PHOTO, **SIZE)
+    maps = edge_relevance(model, analysis, 3)
+    assert maps.shape == (4, 3, 4) and np.isfinite(maps).all() and maps.max() > 0
+    assert not np.allclose(maps[0], maps[2])

@@ -65,7 +65,9 @@ def test_a_method_that_cannot_run_says_why(source):
         encoder_maps(source, RELEVANCE, [(10.0, 10.0)])
     captured_only = dataclasses.replace(source.analysis, inputs=None)
     why = METHOD[RELEVANCE].unavailable(captured_only)
-    assert "re-runs the transformer with gradients" in why and "DETR R50" in why
-    with pytest.raises(ArgumentError, match="re-runs the transformer"):
+    assert "re-runs the model with gradients" in why and "analyse the photo again" in why
+    with pytest.raises(ArgumentError, match="kept no input to run it on"):
         decoder_maps(Explainer(source.model, captured_only), RELEVANCE, [1])
+    assert "DETR R50 runs in transformers' code" in methods.replay_unavailable(
+        captured_only, "Faithfulness scores re-run the transformer")
     assert METHOD[RAW].unavailable(captured_only) is None

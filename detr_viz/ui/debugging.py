@@ -185,11 +185,6 @@ def _detection(run: Run, kept: list[Detection], key: str) -> Detection:
 
 
 def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
-    why = replay_unavailable(run.analysis, "The relevance of box edges differentiates the "
-                             "box coordinates through the transformer")
-    if why is not None:
-        st.info(why)
-        return
     det = _detection(run, kept, "dbg-edges-query")
     with resources.editing(photo, run, "edges") as store:
         if det.query not in store.items:
