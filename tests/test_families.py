@@ -231,7 +231,7 @@ def test_relevance_follows_detrs_rule_in_float64(folders, family):
 
 def test_box_edge_relevance_for_a_family(folders):
     """Edges use the same gradient path: each edge's map is the relevance of that box
-    coordinate, so the four differ, and the map of a detection's class logit is not one of them."""
+    coordinate, so the left and right edges' maps differ."""
     from detr_viz.edges import edge_relevance
 
     model = load_model(checkpoint=folders["dab_detr"]).double()
