@@ -218,9 +218,17 @@ def _resnet_backbone(spec: dict[str, Any], source: Path) -> str:
 
 
 def _check_last_stage(spec: dict[str, Any], source: Path, stage: str) -> None:
+    if (why := last_stage_problem(spec, stage)) is not None:
+        raise _unsupported(source, why)
+
+
+def last_stage_problem(spec: dict[str, Any], stage: str) -> str | None:
+    """Why a backbone config does not feed the transformer its last stage ``stage`` (what
+    DETR-family models read), or None."""
     features, indices = spec.get("out_features"), spec.get("out_indices")
     if (features and features[-1] != stage) or (indices and indices[-1] not in (4, -1)):
-        raise _unsupported(source, f"its backbone does not output its last stage ({stage})")
+        return f"its backbone does not output its last stage ({stage})"
+    return None
 
 
 def _unsupported(source: Path, why: str) -> WrongVariantError:

@@ -34,7 +34,7 @@ from detr_viz.errors import (
     WeightsUnavailableError,
     WrongVariantError,
 )
-from detr_viz.hf_checkpoint import SUPPORTED, WEIGHT_FILES, weights_file
+from detr_viz.hf_checkpoint import SUPPORTED, WEIGHT_FILES, last_stage_problem, weights_file
 
 # model_type in config.json -> (family, transformers class)
 FAMILIES = {"conditional_detr": ("conditional_detr", "ConditionalDetrForObjectDetection"),
@@ -164,9 +164,8 @@ def backbone_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
 
 
 def _check_last_stage(spec: dict[str, Any], source: Path, stage: str) -> None:
-    features, indices = spec.get("out_features"), spec.get("out_indices")
-    if (features and features[-1] != stage) or (indices and indices[-1] not in (4, -1)):
-        raise _unsupported(source, f"its backbone does not output its last stage ({stage})")
+    if (why := last_stage_problem(spec, stage)) is not None:
+        raise _unsupported(source, why)
 
 
 def _unsupported(source: Path, why: str) -> WrongVariantError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -17,12 +18,23 @@ from PIL import Image
 
 from detr_viz.analysis import Analysis, analyze
 from detr_viz.download import WEIGHTS_ENV
+from detr_viz.errors import DetrVizError
 from detr_viz.model import DETR, build_model
 from detr_viz.testing import recipe_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 # Tests run on the CPU (load_model's default is "auto"); DETR_VIZ_DEVICE=cuda runs them on a GPU.
 os.environ.setdefault("DETR_VIZ_DEVICE", "cpu")
+
+
+@contextlib.contextmanager
+def raises(cls: type[DetrVizError], *fragments: object):
+    """pytest.raises(cls), plus: it is a DetrVizError and its message names every fragment."""
+    with pytest.raises(cls) as info:
+        yield info
+    assert isinstance(info.value, DetrVizError)
+    for fragment in fragments:
+        assert str(fragment) in str(info.value), str(info.value)
 
 
 @functools.cache

@@ -43,15 +43,21 @@ def finetuned_dir(tmp_path_factory, weights_dir) -> Path:
     return folder
 
 
-@pytest.fixture
-def page(monkeypatch, finetuned_dir, tmp_path) -> AppTest:
-    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(finetuned_dir))
+def app_on(monkeypatch, folder: Path, tmp_path: Path) -> AppTest:
+    """The page with ``folder`` as $DETR_VIZ_WEIGHTS, threshold 0 (random weights: every query
+    is shown), nothing cached from another test."""
+    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(folder))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     st.cache_resource.clear()
     at = AppTest.from_file(APP, default_timeout=240)
-    at.session_state["threshold"] = 0.0  # random weights: every query is shown
-    yield at
+    at.session_state["threshold"] = 0.0
+    return at
+
+
+@pytest.fixture
+def page(monkeypatch, finetuned_dir, tmp_path) -> AppTest:
+    yield app_on(monkeypatch, finetuned_dir, tmp_path)
     st.cache_resource.clear()
 
 
@@ -162,13 +168,7 @@ def family_dir(tmp_path_factory, weights_dir) -> Path:
 
 @pytest.fixture
 def family_page(monkeypatch, family_dir, tmp_path) -> AppTest:
-    monkeypatch.setenv("DETR_VIZ_WEIGHTS", str(family_dir))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    st.cache_resource.clear()
-    at = AppTest.from_file(APP, default_timeout=240)
-    at.session_state["threshold"] = 0.0
-    yield at
+    yield app_on(monkeypatch, family_dir, tmp_path)
     st.cache_resource.clear()
 
 

@@ -9,7 +9,6 @@ detr-viz then loads the folder and must compute what transformers computes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -29,7 +28,6 @@ from detr_viz import capture  # noqa: E402
 from detr_viz.download import WEIGHTS_ENV  # noqa: E402
 from detr_viz.errors import (  # noqa: E402
     CorruptCheckpointError,
-    DetrVizError,
     NotADetrCheckpointError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
@@ -47,7 +45,7 @@ from detr_viz.weights import (  # noqa: E402
     load_model,
 )
 
-from conftest import RunsShell  # noqa: E402
+from conftest import RunsShell, raises  # noqa: E402
 
 R50, R50_DC5, R101, R101_DC5 = "detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", (
     "detr_resnet101_dc5"
@@ -62,15 +60,6 @@ LAYOUTS = {
 
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 
-
-@contextlib.contextmanager
-def raises(cls: type[DetrVizError], *fragments: object):
-    """pytest.raises(cls), plus: it is a DetrVizError and its message names every fragment."""
-    with pytest.raises(cls) as info:
-        yield info
-    assert isinstance(info.value, DetrVizError)
-    for fragment in fragments:
-        assert str(fragment) in str(info.value), str(info.value)
 
 
 def hf_config(backbone: str, *, timm: bool, dilation: bool = False) -> DetrConfig:

@@ -34,7 +34,6 @@ from transformers.models.dab_detr import modeling_dab_detr  # noqa: E402
 from detr_viz.errors import (  # noqa: E402
     ArgumentError,
     CorruptCheckpointError,
-    DetrVizError,
     NotADetrCheckpointError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
@@ -43,7 +42,7 @@ from detr_viz.errors import (  # noqa: E402
 from detr_viz.hf_capture import capture_hf  # noqa: E402
 from detr_viz.hf_families import cast_dab_queries, load_hf_family, open_hf_family  # noqa: E402
 
-from conftest import RunsShell, hooked_modules  # noqa: E402
+from conftest import RunsShell, hooked_modules, raises  # noqa: E402
 
 FAMILIES = ("conditional_detr", "dab_detr")
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
@@ -60,15 +59,6 @@ def no_sockets(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
-
-@contextlib.contextmanager
-def raises(cls: type[DetrVizError], *fragments: object):
-    """pytest.raises(cls), plus: it is a DetrVizError and its message names every fragment."""
-    with pytest.raises(cls) as info:
-        yield info
-    assert isinstance(info.value, DetrVizError)
-    for fragment in fragments:
-        assert str(fragment) in str(info.value), str(info.value)
 
 
 def tiny_config(family: str, **extra):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -25,7 +24,6 @@ from detr_viz import download
 from detr_viz.download import WEIGHTS_ENV, download_checkpoint, hash_prefix
 from detr_viz.errors import (
     CorruptCheckpointError,
-    DetrVizError,
     NotADetrCheckpointError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
@@ -42,7 +40,7 @@ from detr_viz.weights import (
     read_checkpoint,
 )
 
-from conftest import RunsShell, recipe_model
+from conftest import RunsShell, raises, recipe_model
 
 R50, R101 = "detr_resnet50", "detr_resnet101"
 PAYLOAD = bytes(range(256)) * 1000
@@ -51,15 +49,6 @@ PAYLOAD = bytes(range(256)) * 1000
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-@contextlib.contextmanager
-def raises(cls: type[DetrVizError], *fragments: object):
-    """pytest.raises(cls), plus: it is a DetrVizError and its message names every fragment."""
-    with pytest.raises(cls) as info:
-        yield info
-    assert isinstance(info.value, DetrVizError)
-    for fragment in fragments:
-        assert str(fragment) in str(info.value)
 
 
 class FakeResponse:
