@@ -14,6 +14,7 @@ import logging
 import streamlit as st
 
 from detr_viz import DetrVizError, export, figures
+from detr_viz.device import describe_device, model_device
 from detr_viz.ui import charts, layers, resources
 from detr_viz.ui.compare import compare_section
 from detr_viz.ui.debugging import debugging_section
@@ -57,8 +58,9 @@ def summary(run: Run, name: str, threshold: float, count_slot) -> None:
     (w, h), (wi, hi), (fh, fw) = a.original_size, a.input_size, a.feature_hw
     count_slot.caption(f"**{len(a.detections(threshold))}** of {a.num_queries} queries above "
                        f"{threshold:.2f}")
+    device = describe_device(model_device(run.model))
     st.caption(f"{name}: {w}x{h} px -> model input {wi}x{hi} -> feature grid {fh}x{fw} "
-               f"(stride {a.stride}) - {a.spec.title}")
+               f"(stride {a.stride}) - {a.spec.title} - on {device}")
 
 
 def view_now(controls: Controls, points: list[tuple[float, float]]) -> export.View:

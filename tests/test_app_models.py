@@ -73,7 +73,7 @@ def test_a_finetuned_checkpoint_is_one_click_away_with_its_names_layers_and_head
     assert any(o.startswith("bare (") for o in options)  # listed too: it loads
     page.sidebar.selectbox(key="checkpoint").set_value(TITLE).run()
     assert_clean(page)
-    assert any(TITLE in c.value for c in page.caption)
+    assert any(TITLE in c.value and c.value.endswith(" - on CPU") for c in page.caption)
     assert page.selectbox(key="dec-layer").options == ["layer 1", "layer 2", "layer 3 (last)"]
     assert page.selectbox(key="dec-layer").value == "layer 3 (last)"  # R50's was layer 6
     assert page.selectbox(key="enc-layer").options[-1] == "layer 4 (last)"
