@@ -21,6 +21,7 @@ import torch
 from detr_viz.capture import AttentionFactors, TransformerInputs, capture
 from detr_viz.errors import ArgumentError
 from detr_viz.geometry import FeatureGrid
+from detr_viz.hf_replay import HFInputs
 from detr_viz.image import load_image, preprocess
 from detr_viz.matching import BoxMatch, match_box
 from detr_viz.model import DETR
@@ -68,8 +69,9 @@ class Analysis:
     image: encoder self-attention (h * w cells), decoder cross-attention (Q queries over the
     cells) and decoder self-attention (Q x Q);
     ``inputs``: what the transformer was given (CNN features after ``input_proj``, padding mask,
-    position encoding), so that explanation methods can re-run it without the backbone (None
-    for families detr-viz runs in transformers' code: methods that replay say so).
+    position encoding), so that explanation methods can re-run it without the backbone; for
+    families run in transformers' code, an :class:`~detr_viz.hf_replay.HFInputs` (the encoder
+    tokens and the backbone's output) serving the same purpose.
     ``terms``: named parts of the decoder cross-attention, per layer (Conditional DETR and
     DAB-DETR: ``"content"`` and ``"spatial"``, each the softmax of its term of the logits
     alone; see :mod:`detr_viz.hf_capture`). ``anchors``: (decoder layers, Q, 4) normalised
@@ -86,7 +88,7 @@ class Analysis:
     encoder: tuple[AttentionFactors, ...]
     decoder: tuple[AttentionFactors, ...]
     decoder_self: tuple[AttentionFactors, ...]
-    inputs: TransformerInputs | None
+    inputs: TransformerInputs | HFInputs | None
     terms: Mapping[str, tuple[AttentionFactors, ...]] = field(default_factory=dict)
     anchors: np.ndarray | None = None
     reference_points: np.ndarray | None = None

@@ -314,7 +314,7 @@ def target_relevance(model: DETR, analysis: Analysis, queries: Sequence[int], ta
     h, w = analysis.feature_hw
     if not queries:
         return analysis.encoder[0].q.new_zeros(0, h, w).numpy()
-    if analysis.inputs is None:  # a family run in transformers' code
+    if analysis.spec.family != "detr":  # a family run in transformers' code
         from detr_viz.explain_hf import hf_cams
 
         encoder, decoder = hf_cams(model, analysis, target, len(queries))
@@ -358,7 +358,7 @@ def encoder_relevance(model: DETR, analysis: Analysis, query: int,
     """:class:`EncoderRelevance` of ``query`` for class ``label`` (default: its prediction)."""
     queries = analysis.checked_queries([query])
     labels = _classes(analysis, queries, None if label is None else [label])
-    if analysis.inputs is None:  # a family run in transformers' code
+    if analysis.spec.family != "detr":  # a family run in transformers' code
         from detr_viz.explain_hf import hf_cams
 
         encoder, _ = hf_cams(model, analysis, class_target(queries, labels), 1)

@@ -32,6 +32,7 @@ from torch import Tensor
 from detr_viz.analysis import Analysis
 from detr_viz.errors import ArgumentError
 from detr_viz.geometry import FeatureGrid
+from detr_viz.hf_replay import hf_replay
 from detr_viz.model import DETR
 from detr_viz.replay import replay
 
@@ -123,13 +124,18 @@ def _fractions(steps: int) -> np.ndarray:
 
 def _probabilities(model: DETR, analysis: Analysis, sources: list[Tensor],
                    progress: Progress | None) -> np.ndarray:
-    """Class probabilities (len(sources), 100, 91) of the transformer on each (256, h, w) src,
-    in the model's dtype, ``BATCH`` runs at a time."""
+    """Class probabilities (len(sources), Q, C) of the transformer on each (d, h, w) src, in
+    the model's dtype, ``BATCH`` runs at a time (one at a time for transformers' families)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(sources), BATCH):
-            logits = replay(model, analysis.inputs, torch.stack(sources[i:i + BATCH]))
-            out.append(logits.softmax(-1)[..., :-1].cpu().numpy())
+            if analysis.spec.family == "detr":
+                logits = replay(model, analysis.inputs, torch.stack(sources[i:i + BATCH]))
+                out.append(logits.softmax(-1)[..., :-1].cpu().numpy())
+            else:  # transformers' code, sigmoid scores (detr_viz.hf_replay)
+                logits, _ = hf_replay(model.hf, analysis.pixels, analysis.inputs,
+                                      sources[i:i + BATCH])
+                out.append(logits.sigmoid().numpy())
             if progress is not None:
                 progress(min(i + BATCH, len(sources)), len(sources))
     return np.concatenate(out)

@@ -27,6 +27,7 @@ from detr_viz.errors import MissingDependencyError, WrongVariantError
 from detr_viz.geometry import FeatureGrid
 from detr_viz.hf_capture import capture_hf
 from detr_viz.hf_families import FAMILIES, open_hf_family, read_family_config
+from detr_viz.hf_replay import HFInputs, record_inputs
 from detr_viz.image import ModelInput
 from detr_viz.labels import Labels, default_labels, read_labels
 from detr_viz.spec import ModelSpec
@@ -116,16 +117,20 @@ def load_family(path: str | os.PathLike[str], *, labels: Labels | None = None,
 
 def analyze_hf(model: HFDetector, model_input: ModelInput) -> Analysis:
     """One captured forward of ``model`` on ``model_input`` as an :class:`Analysis` (see
-    :func:`detr_viz.analysis.analyze`): sigmoid probabilities, no replay inputs, the content
-    and spatial terms of the cross-attention, DAB-DETR's anchors per layer."""
+    :func:`detr_viz.analysis.analyze`): sigmoid probabilities, the encoder tokens and the
+    backbone's output for replays (:mod:`detr_viz.hf_replay`), the content and spatial terms
+    of the cross-attention, DAB-DETR's anchors per layer."""
     weight = next(model.parameters())
-    cap = capture_hf(model.hf, model_input.tensor.to(weight.device, weight.dtype))
+    recorded: dict = {}
+    with record_inputs(model.hf, recorded):
+        cap = capture_hf(model.hf, model_input.tensor.to(weight.device, weight.dtype))
     grid = FeatureGrid(original_size=model_input.original_size,
                        input_size=model_input.input_size, shape=cap.grid, stride=model.stride)
     return Analysis(
         spec=model.spec, grid=grid, probabilities=_frozen(cap.probabilities.numpy()),
         boxes=_frozen(cap.boxes.numpy()), encoder=cap.encoder, decoder=cap.decoder,
-        decoder_self=cap.decoder_self, inputs=None,
+        decoder_self=cap.decoder_self,
+        inputs=HFInputs(recorded["src"], cap.padding[None].clone(), recorded["backbone"]),
         terms={"content": cap.content, "spatial": cap.spatial},
         anchors=None if cap.anchors is None else _frozen(np.asarray(cap.anchors.numpy())),
         reference_points=None if cap.reference_points is None else _frozen(

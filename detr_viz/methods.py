@@ -100,7 +100,8 @@ class Method:
 
     def unavailable(self, analysis: Analysis) -> str | None:
         """Why this method cannot explain ``analysis``'s model, or None."""
-        if self.replays and analysis.inputs is None and analysis.pixels is None:
+        kept = analysis.inputs if analysis.spec.family == "detr" else analysis.pixels
+        if self.replays and kept is None:
             return (f"{self.name.capitalize()} re-runs the model with gradients, and this "
                     "analysis kept no input to run it on; analyse the photo again.")
         return None
@@ -116,13 +117,21 @@ class Method:
 
 
 def replay_unavailable(analysis: Analysis, what: str) -> str | None:
-    """Why ``what`` (a computation that re-runs the transformer: gradients, deleted tokens,
-    re-drawn weights) cannot run on ``analysis``'s model, or None when it can."""
+    """Why ``what`` (a computation that re-runs the transformer from the captured tokens:
+    deleted tokens) cannot run on ``analysis``, or None when it can."""
     if analysis.inputs is not None:
         return None
-    return (f"{what}, which detr-viz does for its own DETR only; "
-            f"{analysis.spec.architecture} runs in transformers' code. Raw attention and "
-            "rollout explain it.")
+    return f"{what}, and this analysis kept no tokens to run it on; analyse the photo again."
+
+
+def redraw_unavailable(analysis: Analysis, what: str) -> str | None:
+    """Why ``what`` (re-drawing the transformer's weights layer by layer, as the sanity check
+    does) cannot run on ``analysis``'s model, or None: detr-viz does it for its own DETR."""
+    if analysis.spec.family == "detr" and analysis.inputs is not None:
+        return None
+    return (f"{what}, which detr-viz does for its own DETR's layers only; "
+            f"{analysis.spec.architecture} runs in transformers' code. Raw attention, rollout "
+            "and relevance explain it; faithfulness scores test them.")
 
 
 def _needs_target(target: int | None) -> int:

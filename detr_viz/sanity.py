@@ -30,7 +30,8 @@ from torch import nn
 from detr_viz import explain
 from detr_viz.analysis import Analysis
 from detr_viz.capture import capture
-from detr_viz.methods import Explainer, get_method
+from detr_viz.errors import ArgumentError
+from detr_viz.methods import Explainer, get_method, redraw_unavailable
 from detr_viz.model import DETR
 from detr_viz.replay import replay_outputs
 
@@ -171,6 +172,9 @@ def sanity_check(model: DETR, analysis: Analysis, query: int, method: str, *,
     ``model`` must be the analysed one; it is never changed.
     """
     (query,) = analysis.checked_queries([query])
+    why = redraw_unavailable(analysis, "The sanity check re-draws the transformer's weights")
+    if why is not None:
+        raise ArgumentError(why)
     label = int(analysis.probabilities[query].argmax()) if label is None else int(label)
     original = method_map(method, model, analysis, query, label, layer, head)
     total = len(cascade(model))

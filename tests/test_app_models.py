@@ -201,7 +201,9 @@ def test_conditional_detr_on_the_page(family_page, family_dir):
     n = len(queries)
     spatial = analysis.decoder_attention(queries[0], term="spatial")
     np.testing.assert_allclose(array(overlays[2 * n]["z"]), spatial, rtol=1e-5, atol=1e-7)
-    assert "Faithfulness scores delete and insert" in " ".join(c.value for c in page.caption)
+    page.button(key="score-page").click().run()  # faithfulness through the token replay
+    assert_clean(page)
+    assert any(c.value.startswith(f"query {queries[0]}: deletion AUC") for c in page.caption)
     page.radio(key="method").set_value(explain.RELEVANCE).run()
     assert_clean(page)  # relevance from transformers' own attention and gradients
     heat = [d for d in charts(page)["decoder-grid"]["data"] if d["type"] == "heatmap"][0]

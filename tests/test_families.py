@@ -33,6 +33,7 @@ from detr_viz.methods import (  # noqa: E402
     Explainer,
     decoder_maps,
     encoder_maps,
+    redraw_unavailable,
     replay_unavailable,
 )
 from detr_viz.weights import describe_checkpoint  # noqa: E402
@@ -68,7 +69,8 @@ def test_load_model_reads_the_family_and_analyze_gives_the_same_record(folders, 
     assert (spec.encoder_layers, spec.decoder_layers, spec.heads, spec.d_model) == (2, 2, 2, 32)
     assert spec == describe_checkpoint(folders[family]) and spec.stride == 32
     analysis = analyze(model, PHOTO, **SIZE)
-    assert analysis.feature_hw == (3, 4) and analysis.inputs is None
+    assert analysis.feature_hw == (3, 4) and analysis.inputs.src.shape == (1, 32, 3, 4)
+    assert not analysis.inputs.mask.any()  # no padding: every cell is a token of the photo
     assert analysis.probabilities.shape == (7, 3) and analysis.num_heads == 2
     dets = analysis.detections(0.0)
     assert [d.name for d in dets] == [NAMES[d.label] for d in dets] and len(dets) == 7
@@ -133,8 +135,9 @@ def test_methods_say_what_they_can_explain(folders, family):
     np.testing.assert_allclose(roll, explain.rollout(analysis).decoder_maps([0, 5]))
     assert encoder_maps(source, explain.RAW, [(10, 10)])[0].shape == (3, 4)
     assert decoder_maps(source, explain.RELEVANCE, [0]).shape == (1, 3, 4)
-    why = replay_unavailable(analysis, "Faithfulness scores re-run the transformer")
-    assert why and "transformers' code" in why and "rollout" in why
+    assert replay_unavailable(analysis, "Faithfulness scores re-run the transformer") is None
+    why = redraw_unavailable(analysis, "The sanity check re-draws the transformer's weights")
+    assert why and "transformers' code" in why and "relevance explain it" in why
     kept_nothing = dataclasses.replace(analysis, pixels=None)
     with pytest.raises(ArgumentError, match="kept no input"):
         decoder_maps(Explainer(model, kept_nothing), explain.RELEVANCE, [0])
@@ -239,3 +242,40 @@ def test_box_edge_relevance_for_a_family(folders):
     maps = edge_relevance(model, analysis, 3)
     assert maps.shape == (4, 3, 4) and np.isfinite(maps).all() and maps.max() > 0
     assert not np.allclose(maps[0], maps[2])
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_token_replay_and_faithfulness_for_a_family(folders, family):
+    """The replay (backbone skipped, a private copy of the model) gives what the whole model
+    gives with the same encoder tokens substituted at its input projection; faithfulness then
+    scores a map as for DETR."""
+    from detr_viz import faithfulness
+    from detr_viz.hf_replay import hf_replay
+
+    model = load_model(checkpoint=folders[family]).double()
+    analysis = analyze(model, PHOTO, **SIZE)
+    src = analysis.inputs.src[0]
+    changed = src.clone()
+    changed[:, 1, 2] = src.mean((1, 2))  # one token replaced by the mean token
+    logits, boxes = hf_replay(model.hf, analysis.pixels, analysis.inputs, [src, changed])
+    with torch.inference_mode():
+        unchanged = model.hf(pixel_values=analysis.pixels.double())
+    np.testing.assert_allclose(logits[0], unchanged.logits[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(logits[0].sigmoid(), analysis.probabilities, atol=1e-7)  # float32
+    handle = model.hf.model.input_projection.register_forward_hook(
+        lambda module, args, out: changed[None])
+    try:
+        with torch.inference_mode():
+            want = model.hf(pixel_values=analysis.pixels.double())
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(logits[1], want.logits[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(boxes[1], want.pred_boxes[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(logits[0], logits[1])  # the change reached the outputs
+    query = analysis.detections(0.0)[0]
+    raw = analysis.decoder_attention(query.query)
+    base = faithfulness.random_baseline(model, analysis, steps=3)
+    score = faithfulness.score_maps(model, analysis, query.query, {"raw": raw}, steps=3,
+                                    baseline=base)["raw"]
+    assert score.deletion.probability[0] == pytest.approx(query.score, rel=1e-6)
+    assert len(score.deletion.probability) == 4 and 0 <= score.pointing <= 1

@@ -68,6 +68,7 @@ def test_a_method_that_cannot_run_says_why(source):
     assert "re-runs the model with gradients" in why and "analyse the photo again" in why
     with pytest.raises(ArgumentError, match="kept no input to run it on"):
         decoder_maps(Explainer(source.model, captured_only), RELEVANCE, [1])
-    assert "DETR R50 runs in transformers' code" in methods.replay_unavailable(
+    assert "kept no tokens" in methods.replay_unavailable(
         captured_only, "Faithfulness scores re-run the transformer")
+    assert methods.redraw_unavailable(source.analysis, "The sanity check") is None
     assert METHOD[RAW].unavailable(captured_only) is None

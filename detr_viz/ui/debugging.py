@@ -19,7 +19,7 @@ from detr_viz.display import display_to_original
 from detr_viz.edges import EDGES, edge_relevance
 from detr_viz.explain import METHODS, RAW, RELEVANCE
 from detr_viz.matching import BoxMatch
-from detr_viz.methods import replay_unavailable
+from detr_viz.methods import redraw_unavailable
 from detr_viz.spec import class_name
 from detr_viz.ui import charts, layers, resources
 from detr_viz.ui.maps import decoder_maps, unavailable
@@ -201,7 +201,7 @@ def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
 
 
 def _sanity(run: Run, photo: Photo, kept: list[Detection], method: str) -> None:
-    why = replay_unavailable(run.analysis, "The sanity check re-draws the transformer's "
+    why = redraw_unavailable(run.analysis, "The sanity check re-draws the transformer's "
                              "weights and re-runs it")
     if why is not None:
         st.info(why)
