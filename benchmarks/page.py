@@ -24,8 +24,8 @@ interaction, waiting for the page to settle after each:
 With ``--families``, the same interactions on three checkpoints picked from the page's
 Checkpoint list: a fine-tuned DETR (R50, 3 classes, 50 queries, a DETR training checkpoint) and
 transformers' Conditional DETR and DAB-DETR at the released sizes (ResNet-50, 6 + 6 layers of 8
-heads, 300 queries), random weights saved with ``save_pretrained``; the threshold starts at 0.30
-so that random scores still give detections.
+heads, 300 queries), random weights saved with ``save_pretrained``; the threshold starts at 0
+and the threshold moves step up (random scores: every query a detection).
 
 The baseline is the same app at another commit (default: the last release, c4dde06), exported
 with ``git archive`` into a temporary folder and served the same way, in the same run. Weights:
@@ -162,7 +162,8 @@ class Driver:
         self.page.get_by_role("button", name=f"Page {number}", exact=True).first.click()
 
 
-def interactions(d: Driver, repeats: int) -> dict[str, list[list[dict]]]:
+def interactions(d: Driver, repeats: int, threshold_key: str = "ArrowLeft"
+                 ) -> dict[str, list[list[dict]]]:
     """Each interaction ``repeats`` times, each time to a state the page has not shown yet
     where there are enough (thresholds and opacities step one way, layers and heads cycle, the
     clicks land on new points); pages (2 of them) and methods (raw <-> rollout, "once
@@ -172,7 +173,7 @@ def interactions(d: Driver, repeats: int) -> dict[str, list[list[dict]]]:
     heads = [f"head {i}" for i in range(1, 9)] + ["mean of heads"]
     points = [(0.1 + 0.8 * ((i * 0.37) % 1), 0.1 + 0.8 * ((i * 0.61) % 1)) for i in range(64)]
     steps = {
-        "threshold move": [lambda: d.slider("Confidence threshold", "ArrowLeft")],
+        "threshold move": [lambda: d.slider("Confidence threshold", threshold_key)],
         "layer switch": [lambda o=o: d.choose(layer, o) for o in layers],
         "head switch": [lambda o=o: d.choose(head, o) for o in heads],
         "click on the photo": [lambda f=f: d.click_photo(*f) for f in points],
@@ -238,16 +239,15 @@ def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new
             if stride == "pick":
                 d.act(lambda d=d, v=variant: d.choose("Checkpoint", FAMILIES[v], exact=False))
                 d.page.get_by_role("slider", name="Confidence threshold").focus()
-                d.act(lambda d=d: d.page.keyboard.press("Home"))
-                for _ in range(30):  # 0.30: random weights still give detections
-                    d.act(lambda d=d: d.page.keyboard.press("ArrowRight"))
+                d.act(lambda d=d: d.page.keyboard.press("Home"))  # 0: random weights
             elif stride:
                 d.act(lambda d=d, s=stride: d.radio(s))
             start = time.perf_counter()
             runs = d.act(lambda d=d: d.upload(photo))
             first = {"wall": time.perf_counter() - start,
                      "server": sum(r["seconds"] for r in runs)}
-            results[variant] = {"first": first, "interactions": interactions(d, repeats)}
+            key = "ArrowRight" if stride == "pick" else "ArrowLeft"  # from 0: upwards
+            results[variant] = {"first": first, "interactions": interactions(d, repeats, key)}
             d.page.close()
         finally:
             server.close()

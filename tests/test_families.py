@@ -279,3 +279,23 @@ def test_token_replay_and_faithfulness_for_a_family(folders, family):
                                     baseline=base)["raw"]
     assert score.deletion.probability[0] == pytest.approx(query.score, rel=1e-6)
     assert len(score.deletion.probability) == 4 and 0 <= score.pointing <= 1
+
+
+def test_command_line_on_a_conditional_detr(folders, tmp_path, capsys):
+    import csv
+
+    from detr_viz.cli import main
+
+    photo = tmp_path / "in" / "p.jpg"
+    photo.parent.mkdir()
+    PHOTO.save(photo, quality=95)
+    out = tmp_path / "out"
+    status = main(["analyze", str(photo), "--checkpoint", str(folders["conditional_detr"]),
+                   "--methods", "raw,relevance", "--threshold", "0", "--out", str(out),
+                   "--short-side", "96", "--max-size", "128"])
+    assert status == 0, capsys.readouterr().err
+    assert "(Conditional DETR" in capsys.readouterr().err
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and {r["name"] for r in rows} <= set(NAMES)
+    assert main(["evaluate", str(out), "--steps", "2", "--bootstrap", "10"]) == 0
