@@ -78,7 +78,7 @@ def test_load_model_auto_on_a_cpu_machine_says_cpu(machine, weights_dir, caplog,
     with caplog.at_level(logging.INFO, logger="detr_viz"):
         model = load_model("detr_resnet50", path, download=False, device="auto")
     assert model_device(model) == torch.device("cpu")
-    assert "detr_resnet50 on CPU" in caplog.text
+    assert "runs R50 (official COCO DETR R50) on CPU" in caplog.text
     analysis = analyze(model, photo(), short_side=96, max_size=128)
     assert analysis.inputs.src.device.type == "cpu"
     assert all(f.q.device.type == "cpu" for f in analysis.encoder + analysis.decoder)
