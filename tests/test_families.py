@@ -109,6 +109,31 @@ def test_captured_attention_is_transformers_own_in_float64(folders, family):
     assert want.cross_attentions[-1].std() > 1e-3
 
 
+def test_export_of_a_family_analysis(folders):
+    """The download holds the family's own names, layer count and maps, and says which model."""
+    import io
+
+    from detr_viz import export
+    from detr_viz.analysis import OUTGOING
+
+    analysis = analyze(load_model(checkpoint=folders["conditional_detr"]), PHOTO, **SIZE)
+    view = export.View(threshold=0.0, decoder_layer=-1, decoder_head=1, encoder_layer=0,
+                       encoder_head=None, direction=OUTGOING, points=((5.0, 7.0), (79.0, 59.0)))
+    data = np.load(io.BytesIO(export.to_npz(analysis, view)))
+    queries = [d.query for d in analysis.detections(0.0)]
+    np.testing.assert_array_equal(data["queries"], queries)
+    assert set(data["names"]) <= set(NAMES) and len(queries) == 7
+    np.testing.assert_allclose(data["decoder_maps"], analysis.decoder_attentions(queries, 1, 1))
+    np.testing.assert_allclose(data["encoder_maps"][1],
+                               analysis.encoder_attention((79.0, 59.0), 0, None, OUTGOING))
+    assert tuple(data["feature_hw"]) == (3, 4) and int(data["stride"]) == 32
+    settings = json.loads(str(data["settings"]))
+    assert settings["decoder_layer"] == 1 and settings["encoder_head"] == "mean"
+    assert settings["model"] == analysis.spec.title and "Conditional DETR" in settings["model"]
+    as_json = json.loads(export.to_json(analysis, view))
+    np.testing.assert_allclose(np.array(as_json["decoder_maps"]), data["decoder_maps"])
+
+
 def test_dab_detr_anchor_boxes_through_the_layers(folders):
     model = load_model(checkpoint=folders["dab_detr"])
     analysis = analyze(model, PHOTO, **SIZE)
