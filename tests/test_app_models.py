@@ -15,12 +15,13 @@ import torchvision
 from streamlit.testing.v1 import AppTest
 
 from detr_viz import analyze, explain, load_model
+from detr_viz.display import display_to_original
 from detr_viz.model import build_model
 from detr_viz.spec import ModelSpec
 from detr_viz.testing import planted_state_dict
 from detr_viz.ui.sidebar import A_PATH, OFFICIAL
 
-from apptest import APP, SAMPLE, array, assert_clean, charts, query_titles
+from apptest import APP, SAMPLE, array, assert_clean, charts, click, query_titles
 
 SPEC = ModelSpec(num_classes=3, labels=("class 0", "class 1", "class 2"), num_queries=50,
                  encoder_layers=4, decoder_layers=3, heads=4, d_model=128, ffn_dim=256,
@@ -201,6 +202,11 @@ def test_conditional_detr_on_the_page(family_page, family_dir):
     n = len(queries)
     spatial = analysis.decoder_attention(queries[0], term="spatial")
     np.testing.assert_allclose(array(overlays[2 * n]["z"]), spatial, rtol=1e-5, atol=1e-7)
+    click(page, 333, 222, 360, 240, t=1)  # the encoder around a clicked point
+    assert_clean(page)
+    point = display_to_original(333, 222, (360, 240), (600, 400))
+    np.testing.assert_allclose(array(charts(page)["encoder-map"]["data"][0]["z"]),
+                               analysis.encoder_attention(point), rtol=1e-5, atol=1e-7)
     page.button(key="score-page").click().run()  # faithfulness through the token replay
     assert_clean(page)
     assert any(c.value.startswith(f"query {queries[0]}: deletion AUC") for c in page.caption)
