@@ -136,6 +136,16 @@ def checkpoint_variant(path: str | os.PathLike[str]) -> str | None:
     return open_checkpoint(path).variant
 
 
+def read_json(path: Path) -> Any:
+    """``path`` parsed as JSON; an unreadable or malformed file is a CorruptCheckpointError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} cannot be read as JSON ({exc}); copy it again from the repository."
+        ) from exc
+
+
 def read_config(path: Path, weights: Path) -> dict[str, Any]:
     """config.json at ``path`` (of the checkpoint ``weights``) as a dict, vetted to be a DETR
     detector detr-viz can rebuild (any sizes; ReLU, sine positions, RGB input)."""
@@ -145,12 +155,7 @@ def read_config(path: Path, weights: Path) -> dict[str, Any]:
             "unknown. Copy config.json from the same Hugging Face repository into "
             f"{path.parent}."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(
-            f"{path} cannot be read as JSON ({exc}); copy it again from the repository."
-        ) from exc
+    config = read_json(path)
     if not isinstance(config, dict) or config.get("model_type") != "detr":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise NotADetrCheckpointError(

@@ -18,7 +18,6 @@ resolves a backbone name on the Hub.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -34,7 +33,13 @@ from detr_viz.errors import (
     WeightsUnavailableError,
     WrongVariantError,
 )
-from detr_viz.hf_checkpoint import SUPPORTED, WEIGHT_FILES, last_stage_problem, weights_file
+from detr_viz.hf_checkpoint import (
+    SUPPORTED,
+    WEIGHT_FILES,
+    last_stage_problem,
+    read_json,
+    weights_file,
+)
 
 # model_type in config.json -> (family, transformers class)
 FAMILIES = {"conditional_detr": ("conditional_detr", "ConditionalDetrForObjectDetection"),
@@ -110,12 +115,7 @@ def read_family_config(folder: Path) -> dict[str, Any]:
             f"{folder} has no config.json, so it is not a Hugging Face checkpoint folder. Name "
             "a folder holding config.json and model.safetensors (or pytorch_model.bin)."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(
-            f"{path} cannot be read as JSON ({exc}); copy it again from the repository."
-        ) from exc
+    config = read_json(path)
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind not in FAMILIES:
         what = f'a "{kind}" model' if kind else "no transformers model (no model_type)"
