@@ -209,19 +209,32 @@ def test_weights_sum_to_one_per_head(built, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_capture_leaves_predictions_bit_for_bit(built, variant):
+    """float32, the dtype users run: capture on equals capture off bit for bit. The float32
+    points are judged by their distance from the float64 run of the same weights on the same
+    image, relative to the model's own float32-vs-float64 drift measured here (no number copied
+    from one machine), and that bound is checked to be far below what a wrong capture (another
+    layer's or another query's points) would be off by."""
     model = DeformableDetrForObjectDetection(tiny_config(**VARIANTS[variant]))
     model.load_state_dict(built[variant].state_dict())
     model = model.eval().float().requires_grad_(False)
+    image = photo(4)  # float64; the float32 runs get this very image, rounded
     with torch.inference_mode():
-        plain = model(pixel_values=photo(4, torch.float32))
-    cap = capture_deformable(model, photo(4, torch.float32))
+        plain = model(pixel_values=image.float())
+    cap = capture_deformable(model, image.float())
     assert torch.equal(cap.logits, plain.logits[0])
     assert torch.equal(cap.boxes, plain.pred_boxes[0])
     assert hooked_modules(model) == []
-    # float32 is judged by its distance from the float64 run of the same weights
-    exact = capture_deformable(built[variant], photo(4))
-    torch.testing.assert_close(cap.locations.double(), exact.locations, rtol=0, atol=1e-4)
-    torch.testing.assert_close(cap.weights.double(), exact.weights, rtol=0, atol=1e-5)
+    exact = capture_deformable(built[variant], image)
+
+    def far(a, b):
+        return (a.double() - b).abs().max().item()
+
+    drift = max(far(cap.logits, exact.logits), far(cap.boxes, exact.boxes))
+    bound = 100 * drift
+    assert far(cap.locations, exact.locations) <= bound
+    assert far(cap.weights, exact.weights) <= bound
+    wrong = (exact.locations.flip(0), exact.locations.roll(1, dims=1))  # layers, queries
+    assert all(far(w, exact.locations) > 100 * bound for w in wrong)
 
 
 def test_hooks_are_removed_when_the_forward_fails(built):
@@ -255,7 +268,7 @@ def test_two_threads_see_only_their_own_points(built):
         thread.start()
     for thread in threads:
         thread.join()
-    for seed, solo in zip((5, 6), alone):
+    for seed, solo in zip((5, 6), alone, strict=True):
         assert torch.equal(together[seed].locations, solo.locations)
         assert torch.equal(together[seed].references[1], solo.references[1])
     assert hooked_modules(model) == []
@@ -299,13 +312,14 @@ def test_photo_pixels_put_cell_centres_on_feature_grid_centres():
     assert [g.stride for g in grids] == [8, 16, 32, 64]
     cells = [(5, 9), (2, 7), (1, 0), (1, 1)]  # one (row, col) per level
     locations = torch.tensor([[[(c + 0.5) / w, (r + 0.5) / h]]
-                              for (r, c), (h, w) in zip(cells, shapes)], dtype=torch.float64)
+                              for (r, c), (h, w) in zip(cells, shapes, strict=True)],
+                             dtype=torch.float64)
     got = photo_pixels(locations, grids)  # (levels, 1 point, 2)
-    for level, (grid, (r, c)) in enumerate(zip(grids, cells)):
+    for level, (grid, (r, c)) in enumerate(zip(grids, cells, strict=True)):
         assert got[level, 0].tolist() == pytest.approx(grid.cell_center(r, c), abs=1e-9)
-    corner = photo_pixels(torch.ones(2, 4, 1, 2), grids)[1]  # (1, 1) on every level
-    assert corner[0].tolist() == pytest.approx([640, 480])  # 12 x 16 at stride 8: no overhang
-    assert corner[3].tolist() == pytest.approx([640, 640])  # 2 x 2 at stride 64 overhangs
+    corner = photo_pixels(torch.ones(4, 1, 2), grids)  # (1, 1) on every level: (4, 1, 2)
+    assert corner[0, 0].tolist() == pytest.approx([640, 480])  # 12 x 16 at stride 8: no overhang
+    assert corner[3, 0].tolist() == pytest.approx([640, 640])  # 2 x 2 at stride 64 overhangs
 
 
 def test_bad_requests_say_what_to_do(built):
