@@ -182,11 +182,15 @@ def test_references_are_what_each_layer_started_from(built, variant):
         assert not torch.equal(cap.references[0][:, :2], cap.references[1][:, :2])
 
 
-def test_encoder_points_give_the_modules_output(built):
-    model = built["plain"]
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "padded"])
+def test_encoder_points_give_the_modules_output(built, variant, masked):
+    """The same oracle for every token of every encoder layer (deformable self-attention)."""
+    model = built[variant]
     with ModuleCalls(model, "encoder") as calls:
-        cap = capture_deformable(model, photo(2), padded_mask(), encoder=True)
-    assert cap.encoder_locations.shape == (2, 256, 2, 4, 3, 2)
+        cap = capture_deformable(model, photo(2), padded_mask() if masked else None, encoder=True)
+    assert len(calls.calls) == 2 and cap.encoder_locations.shape == (2, 256, 2, 4, 3, 2)
+    assert cap.encoder_weights.shape == (2, 256, 2, 4, 3)
     for layer, (kwargs, output) in calls.calls.items():
         module = calls.modules[layer]
         by_sampler = bilinear_recompute(module, kwargs, cap.encoder_locations[layer],
@@ -223,6 +227,9 @@ def test_capture_leaves_predictions_bit_for_bit(built, variant):
     cap = capture_deformable(model, image.float())
     assert torch.equal(cap.logits, plain.logits[0])
     assert torch.equal(cap.boxes, plain.pred_boxes[0])
+    with_encoder = capture_deformable(model, image.float(), encoder=True)
+    assert torch.equal(with_encoder.logits, plain.logits[0])
+    assert torch.equal(with_encoder.locations, cap.locations)
     assert hooked_modules(model) == []
     exact = capture_deformable(built[variant], image)
 
