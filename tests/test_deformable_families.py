@@ -1,0 +1,283 @@
+"""Sampling points of every deformable family, with each attention module's output as oracle.
+
+The oracle: each module's output recomputed from the captured locations and weights with a
+plain sampler (``F.grid_sample`` on each level's values, or the discrete cell lookup where the
+family samples that way), summed with the weights, then the module's output projection, equals
+the module's own output in float64 to 1e-9. That proves the points recorded are the points used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deformable_models import CLASSES, photo, tiny_model
+
+from detr_viz.deformable_capture import capture_deformable
+from detr_viz.errors import ArgumentError
+from detr_viz.sampling_capture import FAMILIES, capture_sampling
+
+from conftest import raises
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: tiny_model(family) for family in CLASSES}
+
+
+class ModuleCalls:
+    """The bound arguments and output of every given module's calls, in call order."""
+
+    def __init__(self, modules):
+        self.modules, self.calls = list(modules), []
+
+    def __enter__(self):
+        def record(module, args, kwargs, output):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            self.calls.append((module, dict(bound), output[0][0]))
+
+        self.handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def hooks(model) -> int:
+    """How many forward (pre-)hooks the model's modules hold. transformers 5 leaves hooks of
+    its own (its output recorders, installed on a first forward), so tests compare counts
+    before and after a capture instead of expecting none."""
+    tables = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+              "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    return sum(len(getattr(m, t, {})) for m in model.modules() for t in tables)
+
+
+def decoder_modules(model):
+    attribute = FAMILIES[model.config.model_type][0]
+    return [getattr(layer, attribute) for layer in model.model.decoder.layers]
+
+
+def recompute(module, bound, locations, weights, shapes, counts, sampler) -> torch.Tensor:
+    """(N, d_model): the module's output from locations (N, heads, levels, points, 2) and
+    weights (N, heads, levels, points) by a plain sampler per level, summed, projected."""
+    value = bound["encoder_hidden_states"][0]  # (S, d_model)
+    if hasattr(module, "value_proj"):
+        value = module.value_proj(value)
+    if bound.get("attention_mask") is not None:
+        value = value.masked_fill(~bound["attention_mask"][0, :, None], 0.0)
+    count, heads = weights.shape[:2]
+    value = value.view(value.shape[0], heads, -1)  # (S, heads, d)
+    out, start = 0.0, 0
+    for level, ((h, w), points) in enumerate(zip(shapes, counts, strict=True)):
+        v = value[start:start + h * w].permute(1, 2, 0).reshape(heads, -1, h, w)
+        xy = locations[:, :, level, :points].transpose(0, 1)  # (heads, N, P, 2)
+        if sampler == "bilinear":
+            sampled = F.grid_sample(v, 2 * xy - 1, mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)  # (heads, d, N, P)
+        else:  # the one cell round(x * w), clamped to the map
+            col = (xy[..., 0] * w + 0.5).floor().long().clamp(0, w - 1)
+            row = (xy[..., 1] * h + 0.5).floor().long().clamp(0, h - 1)
+            flat = v.flatten(2)  # (heads, d, h * w)
+            index = (row * w + col).flatten(1)[:, None].expand(-1, flat.shape[1], -1)
+            sampled = flat.gather(2, index).view(heads, -1, *xy.shape[1:3])
+        out = out + torch.einsum("hdnp,nhp->nhd", sampled, weights[:, :, level, :points])
+        start += h * w
+    out = out.reshape(count, -1)
+    return module.output_proj(out) if hasattr(module, "output_proj") else out
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_captured_points_give_every_decoder_modules_output(models, family):
+    model = models[family]
+    with ModuleCalls(decoder_modules(model)) as calls:
+        cap = capture_sampling(model, photo(family))
+    stack = cap.decoder
+    assert len(calls.calls) == stack.locations.shape[0] == 2
+    assert stack.locations.shape[1:3] == (7, 2)
+    assert stack.weights.shape == stack.locations.shape[:-1]
+    real = torch.cat([stack.locations[..., level, :n, :].flatten()
+                      for level, n in enumerate(cap.decoder.points_per_level)])
+    outside = (real < 0) | (real > 1)
+    assert outside.any() and not outside.all()  # the zero padding (or clamping) is exercised
+    worst = 0.0
+    for layer, (module, bound, output) in enumerate(calls.calls):
+        got = recompute(module, bound, stack.locations[layer], stack.weights[layer],
+                        cap.spatial_shapes, stack.points_per_level, stack.sampler)
+        torch.testing.assert_close(got, output, rtol=0, atol=1e-9)
+        assert output.abs().max() > 1e-3  # not a comparison of zeros
+        worst = max(worst, (got - output).abs().max().item())
+        torch.testing.assert_close(stack.references[layer], bound["reference_points"][0],
+                                   rtol=0, atol=0)
+    print(f"{family}: decoder oracle max error {worst:.1e}")
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_weights_sum_to_one_per_head_and_padding_weighs_nothing(models, family):
+    cap = capture_sampling(models[family], photo(family, 1))
+    totals = cap.decoder.weights.sum(dim=(-1, -2))  # (layers, Q, heads)
+    torch.testing.assert_close(totals, torch.ones_like(totals), rtol=0, atol=1e-12)
+    for level, n in enumerate(cap.decoder.points_per_level):
+        assert (cap.decoder.weights[..., level, n:] == 0).all()
+        assert cap.decoder.locations[..., level, n:, :].isnan().all()
+        assert not cap.decoder.locations[..., level, :n, :].isnan().any()
+    expected = {"d_fine": (3, 2, 4)}.get(family, (3,) * len(cap.spatial_shapes))
+    assert cap.decoder.points_per_level == expected
+    assert cap.decoder.sampler == ("discrete" if family.endswith("discrete") else "bilinear")
+
+
+def test_deformable_encoder_points_give_the_modules_output(models):
+    model = models["deformable_detr"]
+    mask = torch.zeros(1, 96, 128, dtype=torch.long)
+    mask[:, :40, :60] = 1  # valid ratios below 1 on every level
+    with ModuleCalls([layer.self_attn for layer in model.model.encoder.layers]) as calls:
+        cap = capture_sampling(model, photo("deformable_detr", 2), mask, encoder=True)
+    assert cap.encoder.locations.shape == (2, 12 * 16 + 6 * 8 + 3 * 4 + 2 * 2, 2, 4, 2, 2)
+    for layer, (module, bound, output) in enumerate(calls.calls):
+        got = recompute(module, bound, cap.encoder.locations[layer], cap.encoder.weights[layer],
+                        cap.spatial_shapes, cap.encoder.points_per_level, cap.encoder.sampler)
+        torch.testing.assert_close(got, output, rtol=0, atol=1e-9)
+        print(f"deformable_detr encoder layer {layer}: oracle max error "
+              f"{(got - output).abs().max().item():.1e}")
+    assert cap.encoder.points_per_level == (2, 2, 2, 2)  # not the decoder's 3
+    old = capture_deformable(model, photo("deformable_detr", 2), mask, encoder=True)
+    assert torch.equal(old.encoder_locations, cap.encoder.locations)
+    assert torch.equal(old.locations, cap.decoder.locations)
+
+
+@pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine"])
+def test_dense_encoder_is_transformers_own_attention(models, family):
+    """AIFI is plain self-attention on one level: the capture equals what transformers returns
+    with output_attentions (eager), float64, to 1e-12."""
+    model = models[family]
+    cap = capture_sampling(model, photo(family, 3), encoder=True)
+    with torch.inference_mode():
+        theirs = model(pixel_values=photo(family, 3), output_attentions=True)
+    assert len(cap.dense_encoder) == len(theirs.encoder_attentions) == 1
+    h, w = cap.spatial_shapes[cap.dense_level]
+    for ours, reference in zip(cap.dense_encoder, theirs.encoder_attentions, strict=True):
+        assert ours.shape == (2, h * w, h * w)
+        torch.testing.assert_close(ours, reference[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(ours.sum(-1), torch.ones(2, h * w, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["rt_detr_v2", "rt_detr_v2_discrete", "d_fine"])
+def test_recomputed_locations_are_bit_for_bit_what_the_sampler_got(models, family, monkeypatch):
+    """RT-DETRv2 and D-FINE: in float32, the dtype users run, the locations recomputed in the
+    hook are the very numbers the sampling function received (spied on here, not in the
+    library), and predictions are those of a plain run."""
+    import transformers.models.d_fine.modeling_d_fine as d_fine
+    import transformers.models.rt_detr_v2.modeling_rt_detr_v2 as v2
+
+    model = tiny_model(family, dtype=torch.float32)
+    seen = []
+    original = v2.multi_scale_deformable_attention_v2
+
+    def spy(value, shapes, locations, *rest):
+        seen.append(locations[0].detach().clone())
+        return original(value, shapes, locations, *rest)
+
+    if family == "d_fine":
+        for module in decoder_modules(model):
+            monkeypatch.setattr(module, "ms_deformable_attn_core", spy)
+    else:
+        monkeypatch.setattr(v2, "multi_scale_deformable_attention_v2", spy)
+    image = photo(family, 4).float()
+    with torch.inference_mode():
+        plain = model(pixel_values=image)
+    seen.clear()
+    before = hooks(model)
+    cap = capture_sampling(model, image)
+    assert torch.equal(cap.logits, plain.logits[0]) and torch.equal(cap.boxes, plain.pred_boxes[0])
+    counts = list(cap.decoder.points_per_level)
+    for layer, locations in enumerate(seen):
+        ours = torch.cat([cap.decoder.locations[layer, :, :, level, :n]
+                          for level, n in enumerate(counts)], dim=2)
+        assert torch.equal(ours, locations)
+    assert len(seen) == 2 and d_fine is not None
+    assert hooks(model) == before
+
+
+@pytest.mark.parametrize("family", CLASSES)
+def test_capture_leaves_predictions_bit_for_bit(family):
+    """float32: capture on equals capture off bit for bit; the float32 points are judged by
+    their distance from the float64 run of the same weights and image, relative to the model's
+    own float32-vs-float64 drift measured here, and that bound is checked to be far below what
+    a wrong capture (another layer's or query's points) would be off by."""
+    model = tiny_model(family, seed=5, dtype=torch.float32)
+    image = photo(family, 5)
+    with torch.inference_mode():
+        plain = model(pixel_values=image.float())
+    before = hooks(model)
+    cap = capture_sampling(model, image.float(), encoder=True)
+    assert torch.equal(cap.logits, plain.logits[0]) and torch.equal(cap.boxes, plain.pred_boxes[0])
+    assert hooks(model) == before
+    exact = capture_sampling(tiny_model(family, seed=5), image)
+
+    def far(a, b):
+        return (a.double() - b).nan_to_num().abs().max().item()
+
+    bound = 100 * max(far(cap.logits, exact.logits), far(cap.boxes, exact.boxes))
+    assert far(cap.decoder.locations, exact.decoder.locations) <= bound
+    assert far(cap.decoder.weights, exact.decoder.weights) <= bound
+    truth = exact.decoder.locations
+    wrong = (truth.flip(0), truth.roll(1, dims=1))  # layers swapped, queries shifted
+    assert all(far(w, truth) > 100 * bound for w in wrong)
+
+
+def test_hooks_are_removed_when_the_forward_fails(models):
+    model = models["rt_detr_v2"]
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    before = hooks(model)
+    handle = model.model.decoder.layers[-1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            capture_sampling(model, photo("rt_detr_v2"), encoder=True)
+    finally:
+        handle.remove()
+    assert hooks(model) == before
+
+
+def test_two_threads_see_only_their_own_points(models):
+    model = models["d_fine"]
+    alone = [capture_sampling(model, photo("d_fine", seed)) for seed in (6, 7)]
+    before = hooks(model)
+    together: dict[int, object] = {}
+    barrier = threading.Barrier(2)
+
+    failures = []
+
+    def run(seed):
+        barrier.wait()
+        try:
+            for _ in range(3):
+                together[seed] = capture_sampling(model, photo("d_fine", seed))
+        except Exception as error:  # a hook called half registered by the other thread, say
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (6, 7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for seed, solo in zip((6, 7), alone, strict=True):
+        assert torch.equal(together[seed].decoder.locations.nan_to_num(),
+                           solo.decoder.locations.nan_to_num())
+    assert hooks(model) == before
+
+
+def test_bad_requests_say_what_to_do(models):
+    with raises(ArgumentError, "one RGB image"):
+        capture_sampling(models["rt_detr"], torch.zeros(2, 3, 64, 96, dtype=torch.float64))
+    with raises(ArgumentError, "model type", "rt_detr"):
+        capture_sampling(torch.nn.Linear(2, 2), photo("rt_detr"))
