@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from detr_viz.deformable_maps import splat_level
 from detr_viz.errors import ArgumentError
 
 
@@ -151,6 +150,26 @@ def splat(stack, shapes: tuple[tuple[int, int], ...], index: int, layer: int = -
         spread = splat_level if stack.sampler == "bilinear" else _splat_discrete
         maps.append(spread(points, share, (h, w)))
     return tuple(maps)
+
+
+def splat_level(locations: Tensor, weights: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The weights (N,) of points at ``locations`` (N, 2), normalised to a (h, w) map as
+    grid_sample's ``align_corners=False`` reads them, spread over the map's cells with the
+    bilinear coefficients grid_sample samples with: (h, w) float64. A corner outside the map
+    (grid_sample's zero padding) takes nothing, so the map sums to the weight total only for
+    points at least half a cell inside the map."""
+    h, w = shape
+    u = locations[:, 0].double() * w - 0.5  # cell coordinates, centres at integers
+    v = locations[:, 1].double() * h - 0.5
+    u0, v0 = u.floor(), v.floor()
+    fu, fv, weights = u - u0, v - v0, weights.double()
+    out = torch.zeros(h * w, dtype=torch.float64)
+    for dy, dx, share in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu),
+                          (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):
+        x, y = u0 + dx, v0 + dy
+        inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        out.index_add_(0, (y * w + x)[inside].long(), (weights * share)[inside])
+    return out.view(h, w)
 
 
 def _splat_discrete(locations: Tensor, weights: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -25,8 +25,11 @@ Families (``model.config.model_type``) and how their points are read:
   does it): ``sampler`` says which.
 
 Locations are (x, y) normalised to level l's whole feature map (h_l, w_l), padding included, as
-grid_sample reads them with ``align_corners=False`` (see :mod:`detr_viz.deformable_capture`):
-(0, 0) the top-left corner of cell (0, 0), cell centres at ((c + 0.5) / w_l, (r + 0.5) / h_l).
+grid_sample reads them with ``align_corners=False`` (the module passes ``2 * location - 1``,
+``padding_mode="zeros"``): (0, 0) the top-left corner of cell (0, 0), (1, 1) the bottom-right
+corner of cell (h_l - 1, w_l - 1), cell centres at ((c + 0.5) / w_l, (r + 0.5) / h_l); bilinear
+corners outside the map count as zero values. Locations are not clamped: a point may lie
+outside [0, 1].
 References are the module's ``reference_points`` as the module got them: (levels', 2) points or
 (levels', 4) (cx, cy, w, h) boxes in the same frame, levels' = levels where the family scales
 them per level by the valid ratios (Deformable DETR, LW-DETR, RF-DETR), 1 where one reference

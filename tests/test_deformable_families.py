@@ -8,17 +8,22 @@ the module's own output in float64 to 1e-9. That proves the points recorded are 
 
 from __future__ import annotations
 
-import inspect
 import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
-from deformable_models import CLASSES, photo, tiny_model
+from deformable_models import (
+    CLASSES,
+    ModuleCalls,
+    decoder_modules,
+    hooks,
+    photo,
+    recompute,
+    tiny_model,
+)
 
-from detr_viz.deformable_capture import capture_deformable
 from detr_viz.errors import ArgumentError
-from detr_viz.sampling_capture import FAMILIES, capture_sampling
+from detr_viz.sampling_capture import capture_sampling
 
 from conftest import raises
 
@@ -28,68 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def models():
     return {family: tiny_model(family) for family in CLASSES}
-
-
-class ModuleCalls:
-    """The bound arguments and output of every given module's calls, in call order."""
-
-    def __init__(self, modules):
-        self.modules, self.calls = list(modules), []
-
-    def __enter__(self):
-        def record(module, args, kwargs, output):
-            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-            self.calls.append((module, dict(bound), output[0][0]))
-
-        self.handles = [m.register_forward_hook(record, with_kwargs=True) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
-def hooks(model) -> int:
-    """How many forward (pre-)hooks the model's modules hold. transformers 5 leaves hooks of
-    its own (its output recorders, installed on a first forward), so tests compare counts
-    before and after a capture instead of expecting none."""
-    tables = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-              "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-    return sum(len(getattr(m, t, {})) for m in model.modules() for t in tables)
-
-
-def decoder_modules(model):
-    attribute = FAMILIES[model.config.model_type][0]
-    return [getattr(layer, attribute) for layer in model.model.decoder.layers]
-
-
-def recompute(module, bound, locations, weights, shapes, counts, sampler) -> torch.Tensor:
-    """(N, d_model): the module's output from locations (N, heads, levels, points, 2) and
-    weights (N, heads, levels, points) by a plain sampler per level, summed, projected."""
-    value = bound["encoder_hidden_states"][0]  # (S, d_model)
-    if hasattr(module, "value_proj"):
-        value = module.value_proj(value)
-    if bound.get("attention_mask") is not None:
-        value = value.masked_fill(~bound["attention_mask"][0, :, None], 0.0)
-    count, heads = weights.shape[:2]
-    value = value.view(value.shape[0], heads, -1)  # (S, heads, d)
-    out, start = 0.0, 0
-    for level, ((h, w), points) in enumerate(zip(shapes, counts, strict=True)):
-        v = value[start:start + h * w].permute(1, 2, 0).reshape(heads, -1, h, w)
-        xy = locations[:, :, level, :points].transpose(0, 1)  # (heads, N, P, 2)
-        if sampler == "bilinear":
-            sampled = F.grid_sample(v, 2 * xy - 1, mode="bilinear", padding_mode="zeros",
-                                    align_corners=False)  # (heads, d, N, P)
-        else:  # the one cell round(x * w), clamped to the map
-            col = (xy[..., 0] * w + 0.5).floor().long().clamp(0, w - 1)
-            row = (xy[..., 1] * h + 0.5).floor().long().clamp(0, h - 1)
-            flat = v.flatten(2)  # (heads, d, h * w)
-            index = (row * w + col).flatten(1)[:, None].expand(-1, flat.shape[1], -1)
-            sampled = flat.gather(2, index).view(heads, -1, *xy.shape[1:3])
-        out = out + torch.einsum("hdnp,nhp->nhd", sampled, weights[:, :, level, :points])
-        start += h * w
-    out = out.reshape(count, -1)
-    return module.output_proj(out) if hasattr(module, "output_proj") else out
 
 
 @pytest.mark.parametrize("family", CLASSES)
@@ -129,25 +72,6 @@ def test_weights_sum_to_one_per_head_and_padding_weighs_nothing(models, family):
     expected = {"d_fine": (3, 2, 4)}.get(family, (3,) * len(cap.spatial_shapes))
     assert cap.decoder.points_per_level == expected
     assert cap.decoder.sampler == ("discrete" if family.endswith("discrete") else "bilinear")
-
-
-def test_deformable_encoder_points_give_the_modules_output(models):
-    model = models["deformable_detr"]
-    mask = torch.zeros(1, 96, 128, dtype=torch.long)
-    mask[:, :40, :60] = 1  # valid ratios below 1 on every level
-    with ModuleCalls([layer.self_attn for layer in model.model.encoder.layers]) as calls:
-        cap = capture_sampling(model, photo("deformable_detr", 2), mask, encoder=True)
-    assert cap.encoder.locations.shape == (2, 12 * 16 + 6 * 8 + 3 * 4 + 2 * 2, 2, 4, 2, 2)
-    for layer, (module, bound, output) in enumerate(calls.calls):
-        got = recompute(module, bound, cap.encoder.locations[layer], cap.encoder.weights[layer],
-                        cap.spatial_shapes, cap.encoder.points_per_level, cap.encoder.sampler)
-        torch.testing.assert_close(got, output, rtol=0, atol=1e-9)
-        print(f"deformable_detr encoder layer {layer}: oracle max error "
-              f"{(got - output).abs().max().item():.1e}")
-    assert cap.encoder.points_per_level == (2, 2, 2, 2)  # not the decoder's 3
-    old = capture_deformable(model, photo("deformable_detr", 2), mask, encoder=True)
-    assert torch.equal(old.encoder_locations, cap.encoder.locations)
-    assert torch.equal(old.locations, cap.decoder.locations)
 
 
 @pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine"])
