@@ -284,10 +284,14 @@ def _dense_hook(store: _Store, index: int, owner: int):
     """A pre-hook recording an AIFI self-attention's softmax (heads, S, S), as the eager
     attention computes it from the same projections."""
 
+    signature = None
+
     def hook(module, args, *rest):  # rest: (kwargs,), or () in another thread (see above)
+        nonlocal signature
         if threading.get_ident() != owner:
             return
-        bound = inspect.signature(module.forward).bind(*args, **rest[0]).arguments
+        signature = signature or inspect.signature(module.forward)
+        bound = signature.bind(*args, **rest[0]).arguments
         hidden, position = bound["hidden_states"], bound.get("position_embeddings")
         given = hidden + position if position is not None else hidden
         shape = (*hidden.shape[:-1], -1, module.head_dim)
