@@ -115,7 +115,8 @@ def sampling_points(capture, frame: InputFrame, index: int, layer: int = -1, *,
     pixels. ``capture``: a :class:`~detr_viz.sampling_capture.SamplingCapture`."""
     stack = _stack(capture, encoder)
     layers, count = stack.weights.shape[:2]
-    layer, index = _checked("layer", layer, layers), _checked("query", index, count)
+    layer = _checked("layer", layer, layers)
+    index = _checked("token" if encoder else "query", index, count)
     shapes = capture.spatial_shapes
     reference = stack.references[layer][index, 0].double()  # level 0's, (2,) or (4,)
     per_unit = _per_unit(shapes, frame)[0]
