@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from deformable_models import ModuleCalls, photo, recompute, tiny_model
 
 from detr_viz.sampling_capture import capture_sampling
+
+from deformable_models import ModuleCalls, photo, recompute, tiny_model
 
 VARIANTS = {"plain": {"with_box_refine": False}, "box_refine": {"with_box_refine": True},
             "two_stage": {"with_box_refine": True, "two_stage": True,

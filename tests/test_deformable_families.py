@@ -12,6 +12,11 @@ import threading
 
 import pytest
 import torch
+
+from detr_viz.errors import ArgumentError
+from detr_viz.sampling_capture import capture_sampling
+
+from conftest import raises
 from deformable_models import (
     CLASSES,
     ModuleCalls,
@@ -21,11 +26,6 @@ from deformable_models import (
     recompute,
     tiny_model,
 )
-
-from detr_viz.errors import ArgumentError
-from detr_viz.sampling_capture import capture_sampling
-
-from conftest import raises
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from deformable_models import CLASSES, photo, tiny_model
 
 from detr_viz.errors import ArgumentError
 from detr_viz.sampling import InputFrame, level_strides, photo_pixels, sampling_points, splat
 from detr_viz.sampling_capture import capture_sampling
 
 from conftest import raises
+from deformable_models import CLASSES, photo, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
