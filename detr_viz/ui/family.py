@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from detr_viz.display import display_image
 from detr_viz.family_figures import anchors_figure, terms_grid
 from detr_viz.ui import charts, layers
 from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 
 MAX = 4  # detections shown: the best ones above the threshold
+TERMS_SIDE, TERMS_QUALITY = 240, 75  # the photo under 3 x MAX small panels: a quarter the bytes
 
 TERMS_NOTE = ("The cross-attention logits are a content term (what the query looks for) plus "
               "a spatial term (where its reference point or anchor is); the full map is their "
@@ -35,7 +37,9 @@ def family_section(run: Run, photo: Photo, threshold: float, style: dict) -> Non
             maps = {"full": analysis.decoder_attentions(list(queries), layer, head)}
             maps |= {t: analysis.decoder_attentions(list(queries), layer, head, t)
                      for t in analysis.terms}
-            return terms_grid.spec(photo.panel, analysis.grid, kept, maps, **style)
+            small = memo(("terms-photo", photo.digest),
+                         lambda: display_image(photo.image, TERMS_SIDE, TERMS_QUALITY))
+            return terms_grid.spec(small, analysis.grid, kept, maps, **style)
 
         key = ("terms", photo.digest, *run.key, layer, head, queries, tuple(style.items()))
         charts.show(memo(key, terms), key="terms")
