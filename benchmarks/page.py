@@ -259,8 +259,9 @@ def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new
             shot = bench_dir() / f"page-failed-{variant}.png"
             with contextlib.suppress(Exception):
                 d.page.screenshot(path=str(shot), full_page=True)
-            print(f"{variant}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                  f"the page as it was: {shot}", file=sys.stderr)
+            seen = f"; the page as it was: {shot}" if shot.exists() else ""
+            print(f"{variant}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0]}){seen}",
+                  file=sys.stderr)
         finally:
             server.close()
     return results
