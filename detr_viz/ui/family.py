@@ -12,7 +12,7 @@ from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 
 MAX = 4  # detections shown: the best ones above the threshold
-TERMS_SIDE, TERMS_QUALITY = 240, 75  # the photo under 3 x MAX small panels: a quarter the bytes
+TERMS_SIDE, TERMS_QUALITY = 240, 75  # the photo under 3 x MAX small panels (BENCHMARKS §9)
 
 TERMS_NOTE = ("The cross-attention logits are a content term (what the query looks for) plus "
               "a spatial term (where its reference point or anchor is); the full map is their "
