@@ -13,6 +13,7 @@ checkpoint is not offered.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,32 @@ def find_checkpoints() -> list[Found]:
 
 
 def describe(path: Path) -> Found:
-    """``path`` described as :func:`detr_viz.weights.describe_checkpoint` does, or its problem."""
+    """``path`` described as :func:`detr_viz.weights.describe_checkpoint` does, or its problem.
+
+    Remembered per file state (a file's, or each file's in a folder: inode, size, modification
+    time), so a picker that looks again every few seconds reads only what is new or changed: a
+    training checkpoint is opened and its shapes vetted once, not on every look."""
+    try:
+        state = _state(path)
+    except OSError:
+        return _describe(path)  # gone or unreadable: say why, remember nothing
+    return _remembered(path, state)
+
+
+def _state(path: Path) -> tuple:
+    def one(p: Path) -> tuple:
+        st = p.stat()
+        return p.name, st.st_ino, st.st_size, st.st_mtime_ns
+
+    return tuple(sorted(one(p) for p in path.iterdir())) if path.is_dir() else one(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered(path: Path, state: tuple) -> Found:
+    return _describe(path)
+
+
+def _describe(path: Path) -> Found:
     from detr_viz.weights import describe_checkpoint  # weights imports lookup, as we do
 
     try:

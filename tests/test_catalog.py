@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 
 import pytest
@@ -66,3 +67,28 @@ def test_hugging_face_folders_and_the_hub_cache(monkeypatch, tmp_path):
     for item in found:
         assert item.spec.labels == ("cup", "mug") and item.spec.assumed == ()
         assert item.spec == describe_checkpoint(item.path)
+
+
+def test_a_checkpoint_is_read_again_only_when_it_changes(monkeypatch, tmp_path):
+    """The picker looks again every 30 s; each look must not reopen every training checkpoint
+    (that cost 150-250 ms of page time), yet a rewritten one must be described anew."""
+    import detr_viz.weights
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    args = argparse.Namespace(nheads=2, dilation=False, backbone="resnet50")
+    path = folder / "checkpoint.pth"
+    torch.save({"model": build_model(SMALL).state_dict(), "args": args}, path)
+    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    reads = []
+    real = detr_viz.weights.describe_checkpoint
+    monkeypatch.setattr(detr_viz.weights, "describe_checkpoint",
+                        lambda p, **kw: reads.append(p) or real(p, **kw))
+    first = find_checkpoints()
+    assert find_checkpoints() == first and reads == [path]
+    bigger = dataclasses.replace(SMALL, num_queries=7)
+    torch.save({"model": build_model(bigger).state_dict(), "args": args}, path)
+    assert find_checkpoints()[0].spec.num_queries == 7 and reads == [path, path]
+    path.unlink()
+    assert find_checkpoints() == []
