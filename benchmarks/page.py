@@ -24,8 +24,15 @@ interaction, waiting for the page to settle after each:
 With ``--families``, the same interactions on three checkpoints picked from the page's
 Checkpoint list: a fine-tuned DETR (R50, 3 classes, 50 queries, a DETR training checkpoint) and
 transformers' Conditional DETR and DAB-DETR at the released sizes (ResNet-50, 6 + 6 layers of 8
-heads, 300 queries), random weights saved with ``save_pretrained``; the threshold starts at 0
-and the threshold moves step up (random scores: every query a detection).
+heads, 300 queries), random weights saved with ``save_pretrained``. Random weights give every one
+of the 300 queries nearly the same score (0.7), a detection each; so, as the planted
+stand-ins keep 21 queries above 0.9 on the photo, the two families' class heads are scaled
+(the queries' best logits spread over 4 units) and shifted (one constant for all classes) so
+that 21 queries score above 0.9 on the photo (the scores mean nothing; timing depends on how
+many detections the page draws, not on which), and their pages start from the default
+threshold and step down as the released variants' do. The fine-tuned DETR's softmax over 3
+classes keeps its random scores (all 50 queries between 0.25 and 0.6): its threshold starts at
+0 and steps up.
 
 The baseline is the same app at another commit (default: the last release, c4dde06), exported
 with ``git archive`` into a temporary folder and served the same way, in the same run. Weights:
@@ -193,14 +200,18 @@ def interactions(d: Driver, repeats: int, threshold_key: str = "ArrowLeft"
     return out
 
 
-FAMILIES = {"fine-tuned DETR": "finetuned (", "Conditional DETR": "conditional-detr (",
-            "DAB-DETR": "dab-detr ("}  # variant -> the start of its Checkpoint option
+# variant -> (the start of its Checkpoint option, whether its threshold starts at 0)
+FAMILIES = {"fine-tuned DETR": ("finetuned (", True),
+            "Conditional DETR": ("conditional-detr (", False), "DAB-DETR": ("dab-detr (", False)}
 
 
-def family_weights(work: Path, stand_ins: Path) -> Path:
-    """The stand-ins plus the three checkpoints of ``--families`` (random weights)."""
+def family_weights(work: Path, stand_ins: Path, photo: Path, kept: int = 21) -> Path:
+    """The stand-ins plus the three checkpoints of ``--families`` (random weights; Conditional
+    DETR's and DAB-DETR's class heads scaled and shifted so that ``kept`` queries score above
+    0.9 on ``photo``: see the module docstring)."""
     import argparse
 
+    import numpy as np
     import torch
     from transformers import (
         ConditionalDetrConfig,
@@ -210,6 +221,7 @@ def family_weights(work: Path, stand_ins: Path) -> Path:
         ResNetConfig,
     )
 
+    from detr_viz import analyze, load_model
     from detr_viz.model import build_model
     from detr_viz.spec import ModelSpec
 
@@ -222,11 +234,20 @@ def family_weights(work: Path, stand_ins: Path) -> Path:
                 "args": argparse.Namespace(nheads=8, dilation=False)}, folder / "finetuned.pth")
     common = {"num_queries": 300, "num_labels": 91,
               "backbone_config": ResNetConfig(out_features=["stage4"])}
-    ConditionalDetrForObjectDetection(ConditionalDetrConfig(**common)).save_pretrained(
-        folder / "conditional-detr")
-    dab = DabDetrForObjectDetection(DabDetrConfig(**common))
-    dab.class_embed.bias.data.zero_()  # its prior-0.01 start keeps no query above the threshold
-    dab.save_pretrained(folder / "dab-detr")
+    for name, model, head in (
+            ("conditional-detr", ConditionalDetrForObjectDetection(ConditionalDetrConfig(**common)),
+             "class_labels_classifier"),
+            ("dab-detr", DabDetrForObjectDetection(DabDetrConfig(**common)), "class_embed")):
+        classifier = getattr(model, head)
+        classifier.bias.data.zero_()  # the best logit of a query is then (W h)'s largest
+        model.save_pretrained(folder / name)
+        best = analyze(load_model(checkpoint=folder / name), photo).probabilities.max(axis=1)
+        best = np.sort(best.astype(np.float64))[::-1]  # random weights: 0.3-0.7, never 0 or 1
+        logit = np.log(best / (1 - best))
+        scale = 4.0 / (logit[0] - logit[-1])  # the queries' best logits spread over 4 units
+        classifier.weight.data *= scale
+        classifier.bias.data += np.log(0.9 / 0.1) + 0.05 - scale * logit[kept - 1]
+        model.save_pretrained(folder / name)
     return folder
 
 
@@ -242,17 +263,19 @@ def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new
         d = None
         try:
             d = Driver(browser, server, new)
-            if stride == "pick":
-                d.act(lambda d=d, v=variant: d.choose("Checkpoint", FAMILIES[v], exact=False))
+            option, from_zero = FAMILIES.get(variant, (None, False))
+            if option:
+                d.act(lambda d=d, o=option: d.choose("Checkpoint", o, exact=False))
+            if from_zero:
                 d.page.get_by_role("slider", name="Confidence threshold").focus()
-                d.act(lambda d=d: d.page.keyboard.press("Home"))  # 0: random weights
-            elif stride:
+                d.act(lambda d=d: d.page.keyboard.press("Home"))
+            elif stride and not option:
                 d.act(lambda d=d, s=stride: d.radio(s))
             start = time.perf_counter()
             runs = d.act(lambda d=d: d.upload(photo))
             first = {"wall": time.perf_counter() - start,
                      "server": sum(r["seconds"] for r in runs)}
-            key = "ArrowRight" if stride == "pick" else "ArrowLeft"  # from 0: upwards
+            key = "ArrowRight" if from_zero else "ArrowLeft"  # from 0: upwards
             results[variant] = {"first": first, "interactions": interactions(d, repeats, key)}
             d.page.close()
         except Exception as exc:  # one variant's failure must not lose the others' numbers
@@ -325,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, first = [], []
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-            families = family_weights(work, weights) if args.families else None
+            families = family_weights(work, weights, photo) if args.families else None
             for label, folder, new in checkouts:
                 r, f = report(measure(browser, folder, weights, photo, args.repeats, new, work,
                                       families if new else None, args.only_families), label)
