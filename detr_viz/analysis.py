@@ -25,7 +25,7 @@ from detr_viz.hf_replay import HFInputs
 from detr_viz.image import load_image, preprocess
 from detr_viz.matching import BoxMatch, match_box
 from detr_viz.model import DETR
-from detr_viz.spec import ModelSpec, class_name
+from detr_viz.spec import SAMPLING_FAMILIES, ModelSpec, class_name
 
 Direction = Literal["incoming", "outgoing"]
 INCOMING: Direction = "incoming"  # what looks at the point: the column (the notebook's reading)
@@ -93,6 +93,8 @@ class Analysis:
     anchors: np.ndarray | None = None
     reference_points: np.ndarray | None = None
     pixels: torch.Tensor | None = None
+
+    sparse = False  # not a field: True for deformable models (detr_viz.deformable)
 
     @property
     def variant(self) -> str:
@@ -250,11 +252,17 @@ def analyze(
 ) -> Analysis:
     """Run ``model`` once on ``image`` (anything :func:`load_image` takes) and keep everything.
 
-    The image is resized as DETR's evaluation transform does (short side ``short_side``, long
+    Deformable families (:mod:`detr_viz.deformable`) take the photo through their own image
+    processor and return a :class:`~detr_viz.deformable.DeformableAnalysis`. Otherwise the
+    image is resized as DETR's evaluation transform does (short side ``short_side``, long
     side at most ``max_size``) and normalised with ImageNet statistics, in the model's dtype
     (float64 models give float64 attention factors: the test oracles use that), on the model's
     device; the record holds only CPU arrays and tensors, whatever that device.
     """
+    if model.spec.family in SAMPLING_FAMILIES:  # its own image processor (detr_viz.deformable)
+        from detr_viz.deformable import analyze_deformable
+
+        return analyze_deformable(model, load_image(image))
     model_input = preprocess(load_image(image), short_side=short_side, max_size=max_size)
     if model.spec.family != "detr":  # run in transformers' code (detr_viz.families)
         from detr_viz.families import analyze_hf

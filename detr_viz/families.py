@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_viz.analysis import Analysis, _frozen
+from detr_viz.deformable import DEFORMABLE, describe_deformable, load_deformable
 from detr_viz.errors import MissingDependencyError, WrongVariantError
 from detr_viz.geometry import FeatureGrid
 from detr_viz.hf_capture import capture_hf
@@ -43,13 +44,17 @@ def hf_family_of(path: str | os.PathLike[str]) -> str | None:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    return model_type if model_type in FAMILIES else None
+    return model_type if model_type in FAMILIES or model_type in DEFORMABLE else None
 
 
 def describe_family(path: str | os.PathLike[str], *, labels: Labels | None = None,
                     heads: int | None = None, dilation: bool | None = None) -> ModelSpec:
     """The :class:`ModelSpec` of a Conditional DETR or DAB-DETR checkpoint, from config.json;
-    ``heads`` and ``dilation`` (what a DETR checkpoint may not record) must agree with it."""
+    ``heads`` and ``dilation`` (what a DETR checkpoint may not record) must agree with it.
+    Deformable families: :func:`detr_viz.deformable.describe_deformable`."""
+    if hf_family_of(path) in DEFORMABLE:
+        _no_settings(path, heads, dilation)
+        return describe_deformable(path, labels=labels)
     info = open_hf_family(path)
     config = read_family_config(info.folder)
     dc5 = info.stride == 16
@@ -77,6 +82,13 @@ def describe_family(path: str | os.PathLike[str], *, labels: Labels | None = Non
         name=checkpoint_name(info.folder), source=str(path), official=False)
 
 
+def _no_settings(path, heads: int | None, dilation: bool | None) -> None:
+    """Deformable checkpoints record their heads and strides: nothing to set."""
+    if heads is not None or dilation:
+        raise WrongVariantError(f"{path} records its heads and feature levels in config.json; "
+                                "leave heads and DC5 empty.")
+
+
 class HFDetector(nn.Module):
     """A transformers Conditional DETR or DAB-DETR with its :class:`ModelSpec`.
 
@@ -101,7 +113,11 @@ class HFDetector(nn.Module):
 def load_family(path: str | os.PathLike[str], *, labels: Labels | None = None,
                 heads: int | None = None, dilation: bool | None = None,
                 dtype: torch.dtype = torch.float32) -> HFDetector:
-    """The checkpoint at ``path`` as an :class:`HFDetector` (CPU, eval mode, no gradients)."""
+    """The checkpoint at ``path`` as an :class:`HFDetector` (CPU, eval mode, no gradients);
+    a deformable family's as a :class:`~detr_viz.deformable.DeformableDetector`."""
+    if hf_family_of(path) in DEFORMABLE:
+        _no_settings(path, heads, dilation)
+        return load_deformable(path, labels=labels, dtype=dtype)
     spec = describe_family(path, labels=labels, heads=heads, dilation=dilation)
     try:
         import transformers  # noqa: F401  (what load_hf_family imports, checked here)

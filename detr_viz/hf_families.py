@@ -93,7 +93,7 @@ def open_hf_family(folder: str | os.PathLike[str]) -> HFFamilyCheckpoint:
             "file of the same Hugging Face repository into it."
         )
     backbone = backbone_config(config, folder / "config.json")
-    labels = _labels(config, folder / "config.json")
+    labels = config_labels(config, folder / "config.json")
     hidden = config.get("d_model", config.get("hidden_size", 256))
     patterns = config.get("num_patterns", 0) if family == "dab_detr" else 0
     return HFFamilyCheckpoint(
@@ -181,7 +181,7 @@ def _describe(spec: dict[str, Any]) -> str:
     return f"transformers ResNet {list(spec.get('depths', [3, 4, 6, 3]))}"
 
 
-def _labels(config: dict[str, Any], source: Path) -> tuple[str, ...]:
+def config_labels(config: dict[str, Any], source: Path) -> tuple[str, ...]:
     id2label = config.get("id2label")
     if not isinstance(id2label, dict):
         return tuple(f"LABEL_{i}" for i in range(config.get("num_labels", 2)))
@@ -224,8 +224,8 @@ def load_hf_family(folder: str | os.PathLike[str], dtype: torch.dtype = torch.fl
             ignore_mismatched_sizes=True,  # reported in the loading info, refused below
             use_safetensors=info.weights.suffix == ".safetensors")
     except Exception as exc:  # transformers raises many types for a damaged file
-        raise _load_error(info.weights, exc) from exc
-    _check_keys(loading, info.weights)
+        raise loading_error(info.weights, exc) from exc
+    check_loading(loading, info.weights)
     if info.family == "dab_detr":
         cast_dab_queries(model)
     return model.eval().requires_grad_(False)
@@ -246,7 +246,7 @@ def cast_dab_queries(model: torch.nn.Module) -> None:
     model.model.decoder.register_forward_pre_hook(cast, with_kwargs=True)
 
 
-def _load_error(path: Path, exc: Exception) -> Exception:
+def loading_error(path: Path, exc: Exception) -> Exception:
     text = str(exc)
     if "weights_only" in text or "Weights only load failed" in text:
         return UnsafeCheckpointError(
@@ -259,7 +259,7 @@ def _load_error(path: Path, exc: Exception) -> Exception:
     )
 
 
-def _check_keys(loading: dict[str, Any], path: Path) -> None:
+def check_loading(loading: dict[str, Any], path: Path) -> None:
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in loading.get(kind) or ())

@@ -87,7 +87,8 @@ class Method:
     the captured transformer inputs for DETR, from the analysed input for families run in
     transformers' code, :mod:`detr_viz.explain_hf`). ``decoder(source, queries, layer,
     head)`` gives (n, h, w) maps; ``encoder(source, points, layer, head, direction, target)``
-    one (h, w) map per point (photo pixels).
+    one (h, w) map per point (photo pixels). ``sparse``: it explains deformable models (their
+    sampling weights, :mod:`detr_viz.deformable`), not only dense attention matrices.
     """
 
     name: str
@@ -97,9 +98,15 @@ class Method:
     replays: bool
     decoder: Decoder
     encoder: Encoder
+    sparse: bool = False
 
     def unavailable(self, analysis: Analysis) -> str | None:
         """Why this method cannot explain ``analysis``'s model, or None."""
+        if analysis.sparse and not self.sparse:
+            return (f"{self.name.capitalize()} is not defined for {analysis.spec.architecture}'s "
+                    "deformable attention in detr-viz yet: it is built on dense attention "
+                    "matrices, and each query here samples a few points. Raw attention shows "
+                    "those points' weights.")
         kept = analysis.inputs if analysis.spec.family == "detr" else analysis.pixels
         if self.replays and kept is None:
             return (f"{self.name.capitalize()} re-runs the model with gradients, and this "
@@ -121,6 +128,9 @@ def replay_unavailable(analysis: Analysis, what: str) -> str | None:
     deleted tokens) cannot run on ``analysis``, or None when it can."""
     if analysis.inputs is not None:
         return None
+    if analysis.sparse:
+        return (f"{what}, which detr-viz does not do yet for {analysis.spec.architecture}'s "
+                "multi-level tokens.")
     return f"{what}, and this analysis kept no tokens to run it on; analyse the photo again."
 
 
@@ -129,6 +139,9 @@ def redraw_unavailable(analysis: Analysis, what: str) -> str | None:
     does) cannot run on ``analysis``'s model, or None: detr-viz does it for its own DETR."""
     if analysis.spec.family == "detr" and analysis.inputs is not None:
         return None
+    if analysis.sparse:
+        return (f"{what}, which detr-viz does for its own DETR's layers only; "
+                f"{analysis.spec.architecture} runs in transformers' code.")
     return (f"{what}, which detr-viz does for its own DETR's layers only; "
             f"{analysis.spec.architecture} runs in transformers' code. Raw attention, rollout "
             "and relevance explain it; faithfulness scores test them.")
@@ -147,7 +160,7 @@ METHOD: dict[str, Method] = {m.name: m for m in (
         per_layer=True, explains_class=False, replays=False,
         decoder=lambda s, q, layer, head: s.analysis.decoder_attentions(q, layer, head),
         encoder=lambda s, points, layer, head, d, target: [
-            s.analysis.encoder_attention(p, layer, head, d) for p in points]),
+            s.analysis.encoder_attention(p, layer, head, d) for p in points], sparse=True),
     Method(
         ROLLOUT, "Attention rollout (Abnar & Zuidema 2020): every layer's head-averaged "
                  "attention, residual added, multiplied through the layers.",

@@ -72,17 +72,25 @@ class SamplingPoints:
 def level_strides(shapes: tuple[tuple[int, int], ...], padded_size: tuple[int, int]
                   ) -> tuple[int, ...]:
     """Stride s_l of each (h_l, w_l) level over a (W, H) padded input: the power of two with
-    (ceil(H / s), ceil(W / s)) = (h_l, w_l) (ResNet, HGNet, the ViT projectors' scales), else
-    the smallest integer that fits (a DINOv2 patch of 14); ArgumentError if none does."""
+    (ceil(H / s), ceil(W / s)) = (h_l, w_l) (ResNet, HGNet: convolutions pad the last cell),
+    else the power of two whose cells stop less than two cells short of each edge (a ViT
+    drops the last partial patch, and LW-DETR's projectors rescale its grid: 66 patches of 16
+    over 1066 pixels make 132 cells of 8 and 33 of 32), else the smallest integer that fits
+    either way (a DINOv2 patch of 14); ArgumentError if none does."""
     w_in, h_in = padded_size
 
     def fits(s: int, h: int, w: int) -> bool:
         return (math.ceil(h_in / s), math.ceil(w_in / s)) == (h, w)
 
+    def cropped(s: int, h: int, w: int) -> bool:
+        return 0 <= h_in - h * s < 2 * s and 0 <= w_in - w * s < 2 * s
+
     strides = []
     for h, w in shapes:
         found = next((2**k for k in range(12) if fits(2**k, h, w)), None)
+        found = found or next((2**k for k in range(12) if cropped(2**k, h, w)), None)
         found = found or next((s for s in range(1, 2049) if fits(s, h, w)), None)
+        found = found or next((s for s in range(1, 2049) if cropped(s, h, w)), None)
         if found is None:
             raise ArgumentError(f"a {h}x{w} feature level fits no stride of a {w_in}x{h_in} "
                                 "input; give the size of pixel_values, padding included.")
@@ -98,6 +106,14 @@ def photo_pixels(locations: Tensor, shapes: tuple[tuple[int, int], ...],
         raise ArgumentError(f"locations of shape {tuple(locations.shape)} do not have "
                             f"(..., {len(shapes)} levels, points, 2).")
     return locations.double() * _per_unit(shapes, frame)[:, None, :]  # (levels, 1, 2)
+
+
+def reference_pixels(reference: Tensor, shapes: tuple[tuple[int, int], ...],
+                     frame: InputFrame) -> Tensor:
+    """References (..., 2) points or (..., 4) (cx, cy, w, h) boxes, normalised on level 0's
+    grid as the module used them -> photo pixels, float64."""
+    per_unit = _per_unit(shapes, frame)[0]
+    return reference.double() * (per_unit if reference.shape[-1] == 2 else per_unit.repeat(2))
 
 
 def _per_unit(shapes, frame: InputFrame) -> Tensor:
@@ -118,9 +134,7 @@ def sampling_points(capture, frame: InputFrame, index: int, layer: int = -1, *,
     layer = _checked("layer", layer, layers)
     index = _checked("token" if encoder else "query", index, count)
     shapes = capture.spatial_shapes
-    reference = stack.references[layer][index, 0].double()  # level 0's, (2,) or (4,)
-    per_unit = _per_unit(shapes, frame)[0]
-    reference = reference * (per_unit if reference.shape[0] == 2 else per_unit.repeat(2))
+    reference = reference_pixels(stack.references[layer][index, 0], shapes, frame)
     return SamplingPoints(
         stack="encoder" if encoder else "decoder", index=index, layer=layer,
         locations=photo_pixels(stack.locations[layer, index], shapes, frame),

@@ -1,0 +1,299 @@
+"""Deformable checkpoints loaded like any other and analysed into maps on one grid.
+
+Each family is saved with ``save_pretrained`` (random weights, a small image processor config)
+and loaded through ``load_model``. Oracles: predictions are transformers' own on the pixels its
+image processor makes; a level's map on the finest grid is that level's splat (itself checked
+against grid_sample in test_deformable_sampling.py) blown up cell by cell (``np.kron``) and
+divided by the cells it covers; the encoder's incoming map is every token's splat read at the
+clicked cell, one token at a time; anchors are the reference_points each decoder module was
+called with, scaled by hand to the photo.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+
+from detr_viz import analyze, load_model
+from detr_viz.deformable import DeformableAnalysis, DeformableDetector
+from detr_viz.errors import (
+    ArgumentError,
+    NotADetrCheckpointError,
+    UnsafeCheckpointError,
+    WeightsUnavailableError,
+    WrongVariantError,
+)
+from detr_viz.explain import RAW, RELEVANCE, ROLLOUT
+from detr_viz.families import load_family
+from detr_viz.methods import METHOD, Explainer, decoder_maps, redraw_unavailable, replay_unavailable
+from detr_viz.sampling import splat
+from detr_viz.weights import describe_checkpoint
+
+from conftest import raises
+from deformable_models import ModuleCalls, decoder_modules, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "lw_detr", "rf_detr")
+PROCESSORS = {  # small inputs for the tiny models: a few cells per level
+    "deformable_detr": tf.DeformableDetrImageProcessor(size={"shortest_edge": 96,
+                                                             "longest_edge": 128}),
+    "rt_detr": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
+    "rt_detr_v2": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
+    "d_fine": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
+    "lw_detr": tf.DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+    "rf_detr": tf.RfDetrImageProcessor(size={"shortest_edge": 56, "longest_edge": 84}),
+}
+ENCODER = {"deformable_detr": "deformable", "rt_detr": "dense", "rt_detr_v2": "dense",
+           "d_fine": "dense", "lw_detr": None, "rf_detr": None}
+
+
+def save(family: str, folder, **extra):
+    model = tiny_model(family, dtype=torch.float32, **extra)
+    model.save_pretrained(folder)
+    PROCESSORS[family].save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {f: save(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rng = np.random.default_rng(5)
+    return Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def analyses(folders, photo):
+    models = {f: load_family(folders[f], dtype=torch.float64) for f in FAMILIES}
+    return {f: (models[f], analyze(models[f], photo)) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_model_reads_the_family_sizes_and_labels_from_config(folders, family):
+    model = load_model(checkpoint=str(folders[family]))
+    spec = model.spec
+    assert isinstance(model, DeformableDetector) and spec.family == family
+    assert spec.labels == ("cat", "dog") and spec.num_queries == 7
+    assert (spec.decoder_layers, spec.heads) == (2, 2)
+    assert spec.encoder_layers == {"deformable_detr": 2, "lw_detr": 0, "rf_detr": 0}.get(family, 1)
+    assert describe_checkpoint(folders[family]) == spec
+    assert spec.architecture.startswith({"deformable_detr": "Deformable DETR", "rt_detr": "RT-DETR",
+                                         "rt_detr_v2": "RT-DETRv2", "d_fine": "D-FINE",
+                                         "lw_detr": "LW-DETR", "rf_detr": "RF-DETR"}[family])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predictions_are_transformers_own_on_its_processors_pixels(analyses, folders, photo,
+                                                                    family):
+    model, analysis = analyses[family]
+    assert isinstance(analysis, DeformableAnalysis)
+    inputs = type(PROCESSORS[family]).from_pretrained(folders[family])(images=photo,
+                                                                       return_tensors="pt")
+    pixels = inputs["pixel_values"].double()
+    with torch.no_grad():
+        out = model.hf(pixel_values=pixels)
+    np.testing.assert_allclose(analysis.probabilities, out.logits[0].sigmoid().numpy(),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(analysis.boxes, out.pred_boxes[0].numpy(), rtol=0, atol=1e-6)
+    assert analysis.frame.photo_size == (160, 120)
+    assert analysis.frame.padded_size == (pixels.shape[3], pixels.shape[2])
+    assert analysis.encoder_kind == ENCODER[family]
+    assert analysis.num_decoder_layers == 2 and analysis.num_heads == 2
+
+
+def blown_up(level_map: np.ndarray, factor: int, shape) -> np.ndarray:
+    """Each cell of a coarse map shared equally among the factor x factor fine cells it
+    covers, cut (or padded with zeros) to ``shape``."""
+    fine = np.kron(level_map, np.ones((factor, factor))) / factor**2
+    out = np.zeros(shape)
+    h, w = min(shape[0], fine.shape[0]), min(shape[1], fine.shape[1])
+    out[:h, :w] = fine[:h, :w]
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_maps_are_each_levels_splat_spread_over_the_finest_cells(analyses, family):
+    _, a = analyses[family]
+    for query, layer, head in ((0, 0, 0), (3, -1, None), (6, 1, 1)):
+        levels = splat(a.capture.decoder, a.level_shapes, query, layer, head)
+        expected = [blown_up(m.numpy(), a.strides[i] // a.strides[0], a.feature_hw)
+                    for i, m in enumerate(levels)]
+        for level, want in enumerate(expected):
+            np.testing.assert_allclose(a.decoder_attention(query, layer, head, level=level), want,
+                                       rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a.decoder_attention(query, layer, head), sum(expected),
+                                   rtol=1e-5, atol=1e-7)
+    maps = decoder_maps(Explainer(None, a), RAW, [2, 5], layer=0, head=1)
+    np.testing.assert_array_equal(maps, a.decoder_attentions([2, 5], 0, 1))
+
+
+def test_encoder_incoming_is_every_tokens_weight_on_the_clicked_cell(analyses):
+    _, a = analyses["deformable_detr"]
+    stack, shapes = a.capture.encoder, a.level_shapes
+    point = (70.0, 45.0)  # photo pixels
+    for level, layer, head in ((0, -1, None), (1, 0, 1), (2, 1, 0)):
+        row, col = a.level_grid(level).cell_at(*point)
+        tokens = [splat(stack, shapes, t, layer, head)[level][row, col].item()
+                  for t in range(stack.weights.shape[1])]
+        starts = (*a.capture.level_start_index, len(tokens))
+        expected = sum(
+            blown_up(np.reshape(tokens[starts[i]:starts[i + 1]], (h, w)),
+                     a.strides[i] // a.strides[0], a.feature_hw)
+            for i, (h, w) in enumerate(shapes))
+        got = a.encoder_attention(point, layer, head, "incoming", level=level)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+        assert got.max() > 0
+
+
+def test_encoder_outgoing_is_the_splat_of_the_token_under_the_point(analyses):
+    _, a = analyses["deformable_detr"]
+    for level in range(a.num_levels):
+        grid = a.level_grid(level)
+        for cell in ((0, 0), (grid.shape[0] - 1, 1)):
+            centre = grid.cell_center(*cell)
+            token = a.token_at(centre, level)
+            assert token == a.capture.level_start_index[level] + grid.cell_index(*cell)
+            levels = splat(a.capture.encoder, a.level_shapes, token, -1, None)
+            expected = sum(blown_up(m.numpy(), a.strides[i] // a.strides[0], a.feature_hw)
+                           for i, m in enumerate(levels))
+            np.testing.assert_allclose(a.encoder_attention(centre, direction="outgoing",
+                                                           level=level),
+                                       expected, rtol=1e-5, atol=1e-7)
+            points = a.encoder_points(centre, level)
+            assert points.stack == "encoder" and points.index == token
+
+
+@pytest.mark.parametrize("family", ("rt_detr", "d_fine"))
+def test_dense_encoder_maps_are_the_aifi_rows_and_columns(analyses, family):
+    _, a = analyses[family]
+    level, attention = a.capture.dense_level, a.capture.dense_encoder[0].numpy()
+    h, w = a.level_shapes[level]
+    point = (100.0, 30.0)
+    row, col = a.level_grid(level).cell_at(*point)
+    cell = row * w + col
+    factor = a.strides[level] // a.strides[0]
+    for direction, values in (("outgoing", attention.mean(0)[cell]),
+                              ("incoming", attention[1][:, cell])):
+        head = None if direction == "outgoing" else 1
+        got = a.encoder_attention(point, 0, head, direction)
+        np.testing.assert_allclose(got, blown_up(values.reshape(h, w), factor, a.feature_hw),
+                                   rtol=1e-5, atol=1e-7)
+    assert abs(a.encoder_attention(point, direction="outgoing").sum() - 1) < 1e-5
+    with raises(ArgumentError, "level 2 only", "not level 0"):
+        a.encoder_attention(point, level=0)
+    with raises(ArgumentError, "dense", "no sampling points"):
+        a.encoder_points(point)
+
+
+def test_models_without_an_encoder_say_so(analyses):
+    _, a = analyses["lw_detr"]
+    assert a.num_layers == 0
+    with raises(ArgumentError, "LW-DETR", "no transformer encoder"):
+        a.encoder_attention((10.0, 10.0))
+
+
+@pytest.mark.parametrize("family", ("deformable_detr", "rt_detr", "d_fine"))
+def test_anchor_boxes_are_the_references_each_decoder_layer_was_given(folders, photo, family):
+    model = load_family(folders[family], dtype=torch.float64)
+    with ModuleCalls(decoder_modules(model.hf)) as calls:
+        a = analyze(model, photo)
+    width, height = photo.size
+    for layer, (_, bound, _) in enumerate(calls.calls):
+        reference = bound["reference_points"][0, :, 0].numpy()  # (Q, 2 | 4), level 0's
+        if reference.shape[1] == 2:
+            reference = np.concatenate([reference, np.zeros_like(reference)], axis=1)
+        cx, cy, w, h = reference.T
+        # no padding here, so normalised means the photo (RT-DETR squashes it: both axes)
+        expected = np.stack([(cx - w / 2) * width, (cy - h / 2) * height,
+                             (cx + w / 2) * width, (cy + h / 2) * height], axis=1)
+        for query in (0, 4):
+            np.testing.assert_allclose(a.anchor_boxes(query)[layer], expected[query],
+                                       rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(a.anchor_boxes(2)[-1], a.boxes_xyxy()[2], rtol=1e-6)
+
+
+def test_methods_that_need_dense_matrices_say_why(analyses):
+    _, a = analyses["rt_detr"]
+    assert METHOD[RAW].unavailable(a) is None
+    for name in (ROLLOUT, RELEVANCE):
+        why = METHOD[name].unavailable(a)
+        assert "not defined for RT-DETR" in why and "Raw attention" in why
+        with raises(ArgumentError, "deformable attention"):
+            decoder_maps(Explainer(None, a), name, [0])
+    assert "multi-level tokens" in replay_unavailable(a, "Faithfulness deletes tokens")
+    assert "its own DETR's layers only" in redraw_unavailable(a, "The sanity check")
+
+
+def test_bad_controls_say_what_is_valid(analyses):
+    _, a = analyses["deformable_detr"]
+    with raises(ArgumentError, "level 4 is out of range (0..3)"):
+        a.decoder_attention(0, level=4)
+    with raises(ArgumentError, "layer 2 is out of range"):
+        a.decoder_attention(0, layer=2)
+    with raises(ArgumentError, "query 7 is out of range"):
+        a.sampling_points(7)
+    with raises(ArgumentError, "no 'content' attention term"):
+        a.decoder_attention(0, term="content")
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def test_bad_checkpoints_get_a_clear_message(tmp_path):
+    remote = save("rt_detr", tmp_path / "remote")
+    edit_config(remote, auto_map={"AutoModel": "modeling_mine.MyDetr"})
+    with raises(UnsafeCheckpointError, "own Python code", "never runs code"):
+        load_model(checkpoint=str(remote))
+    other = save("rt_detr", tmp_path / "other")
+    edit_config(other, model_type="yolos")
+    with raises(NotADetrCheckpointError, "yolos", "RT-DETR"):
+        load_model(checkpoint=str(other))
+    mismatched = save("rt_detr", tmp_path / "mismatched")
+    edit_config(mismatched, decoder_ffn_dim=48)
+    with raises(WrongVariantError, "does not fit", "mismatched keys"):
+        load_model(checkpoint=str(mismatched))
+    hub = save("d_fine", tmp_path / "hub")
+    edit_config(hub, backbone_config=None, backbone="microsoft/resnet-50")
+    with raises(WrongVariantError, "look up on the Hub"):
+        load_model(checkpoint=str(hub))
+    foreign = save("rt_detr", tmp_path / "foreign")
+    edit_config(foreign, backbone_config={"model_type": "convnext"})
+    with raises(WrongVariantError, "convnext backbone", "cannot build offline"):
+        load_model(checkpoint=str(foreign))
+    empty = save("lw_detr", tmp_path / "empty")
+    (empty / "model.safetensors").unlink()
+    with raises(WeightsUnavailableError, "no model.safetensors"):
+        load_model(checkpoint=str(empty))
+    with raises(WrongVariantError, "leave heads and DC5 empty"):
+        load_model(checkpoint=str(save("rf_detr", tmp_path / "heads")), heads=4)
+    processor = save("rt_detr", tmp_path / "processor")
+    path = processor / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "image_processor_type": "SamImageProcessor"}))
+    with raises(WrongVariantError, "SamImageProcessor", "RTDetrImageProcessor"):
+        load_model(checkpoint=str(processor))
+
+
+def test_without_a_processor_config_the_familys_defaults_apply(tmp_path, photo):
+    folder = save("rt_detr", tmp_path / "plain")
+    (folder / "preprocessor_config.json").unlink()
+    analysis = analyze(load_model(checkpoint=str(folder)), photo)
+    assert analysis.frame.input_size == (640, 640)  # RT-DETR squashes every photo to 640x640
+    assert analysis.grid.shape == (80, 80) and analysis.stride == 8
