@@ -21,7 +21,7 @@ from detr_viz.ui.debugging import debugging_section
 from detr_viz.ui.decoder import decoder_section
 from detr_viz.ui.downloads import export_section
 from detr_viz.ui.encoder import DIRECTIONS, encoder_section, points_of
-from detr_viz.ui.family import family_section, has_family_views
+from detr_viz.ui.family import family_section, family_title, has_family_views
 from detr_viz.ui.memo import memo
 from detr_viz.ui.photo import choose_photo
 from detr_viz.ui.resources import Run
@@ -63,13 +63,14 @@ def summary(run: Run, name: str, threshold: float, count_slot) -> None:
                f"(stride {a.stride}) - {a.spec.title} - on {device}")
 
 
-def view_now(controls: Controls, points: list[tuple[float, float]]) -> export.View:
+def view_now(controls: Controls, points: list[tuple[float, float]], run: Run) -> export.View:
     """What the page shows at this moment (the fragments' controls live in session state)."""
     state = st.session_state
     (dl, dh), (el, eh) = layers.current("dec"), layers.current("enc")
+    level = layers.current_level("dec", run.analysis) if run.analysis.sparse else None
     return export.View(controls.threshold, controls.method, dl, dh, el, eh,
                        DIRECTIONS[state.get("enc-direction", next(iter(DIRECTIONS)))],
-                       tuple(points), state.get("enc-target"))
+                       tuple(points), state.get("enc-target"), level)
 
 
 def main() -> None:
@@ -102,9 +103,7 @@ def main() -> None:
     st.subheader("Decoder: what each detected object looks at")
     decoder_section(run, photo, threshold, method, style)
     if has_family_views(run):
-        st.subheader(f"{run.spec.architecture}: content and spatial attention"
-                     + (", anchors through the layers" if run.analysis.anchors is not None
-                        else ""))
+        st.subheader(family_title(run))
         family_section(run, photo, threshold, style)
     st.subheader("Encoder: attention around a point")
     encoder_section(run, photo, threshold, method, style, points, linked=other is not None)
@@ -114,7 +113,7 @@ def main() -> None:
     st.subheader("Debugging: every object, a missed object, box edges, sanity")
     debugging_section(run, photo, threshold, method, style)
     st.subheader("Export")
-    export_section(run, photo, lambda: view_now(controls, points), style)
+    export_section(run, photo, lambda: view_now(controls, points, run), style)
 
 
 try:

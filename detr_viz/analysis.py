@@ -139,6 +139,11 @@ class Analysis:
         return self.encoder[0].num_heads
 
     @property
+    def num_encoder_heads(self) -> int:
+        """Heads of the encoder's attention (the same as :attr:`num_heads` in DETR)."""
+        return self.num_heads
+
+    @property
     def num_queries(self) -> int:
         return self.probabilities.shape[0]
 

@@ -3,7 +3,9 @@
 What is exported is what the page shows: the kept detections at the chosen threshold and the
 maps of the chosen explanation method (raw attention of the chosen layer and head, rollout or
 relevance), at feature resolution, with everything needed to put them back on the photo
-(sizes, stride, feature grid), and the faithfulness scores computed so far.
+(sizes, stride, feature grid), and the faithfulness scores computed so far. Deformable
+models add the kept detections' sampling points in the chosen decoder layer (photo pixels, with
+their weights) and the reference boxes of every layer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class View:
     direction: Direction = INCOMING
     points: tuple[tuple[float, float], ...] = ()  # encoder reference points, original pixels
     target: int | None = None  # the detection whose relevance the encoder maps show
+    decoder_level: int | None = None  # deformable models: one feature level (None: all)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -56,6 +59,13 @@ def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None 
     ``feature_hw``, ``stride``. Raw attention is read off ``analysis``; for rollout and
     relevance the caller passes the maps it shows (``decoder_maps`` of the kept queries in
     order, ``encoder_maps`` of ``view.points``).
+
+    Deformable models (:mod:`detr_viz.deformable`; maps on the finest level's grid, whose
+    stride ``stride`` is) add ``sampling_xy`` (n, heads, levels, points, 2) photo pixels, NaN
+    on padding slots, and ``sampling_weights`` (n, heads, levels, points) of the kept queries
+    in the chosen decoder layer; ``references_xyxy`` (n, decoder layers + 1, 4): the reference
+    each layer started from, then the final box; ``level_shapes`` (levels, 2) and
+    ``level_strides`` (levels,). A model without an encoder exports no encoder maps.
     """
     detections = analysis.detections(view.threshold)
     queries = [d.query for d in detections]
@@ -63,18 +73,24 @@ def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None 
     if decoder_maps is None:
         if view.method != RAW and queries:
             raise ArgumentError(f"pass the {view.method} maps of the kept detections.")
-        decoder_maps = (analysis.decoder_attentions(queries, view.decoder_layer, view.decoder_head)
+        level = {"level": view.decoder_level} if analysis.sparse else {}
+        decoder_maps = (analysis.decoder_attentions(queries, view.decoder_layer,
+                                                    view.decoder_head, **level)
                         if queries else np.zeros((0, h, w), np.float32))
-    if encoder_maps is None:
+    if analysis.num_layers == 0:  # no encoder (LW-DETR, RF-DETR): nothing around the points
+        encoder_maps = []
+    elif encoder_maps is None:
         if view.method != RAW and view.points:
             raise ArgumentError(f"pass the {view.method} maps of the chosen points.")
         encoder_maps = [analysis.encoder_attention(p, view.encoder_layer, view.encoder_head,
                                                    view.direction) for p in view.points]
     decoder_maps = np.asarray(decoder_maps, dtype=np.float32).reshape(-1, h, w)
-    if len(decoder_maps) != len(queries) or len(encoder_maps) != len(view.points):
+    if len(decoder_maps) != len(queries) or (
+            len(encoder_maps) != len(view.points) and analysis.num_layers):
         raise ArgumentError(f"{len(decoder_maps)} decoder maps for {len(queries)} detections, "
                             f"{len(encoder_maps)} encoder maps for {len(view.points)} points.")
     return {
+        **(_sampling_arrays(analysis, queries, view.decoder_layer) if analysis.sparse else {}),
         "queries": np.array(queries, dtype=np.int64),
         "labels": np.array([d.label for d in detections], dtype=np.int64),
         "names": np.array([d.name for d in detections], dtype=str),
@@ -91,21 +107,39 @@ def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None 
     }
 
 
+def _sampling_arrays(analysis: Analysis, queries: list[int], layer: int) -> dict:
+    heads, levels, count = analysis.capture.decoder.weights.shape[2:]
+    points = [analysis.sampling_points(q, layer) for q in queries]
+    return {
+        "sampling_xy": (np.stack([p.locations.numpy() for p in points]) if points else
+                        np.zeros((0, heads, levels, count, 2))).astype(np.float32),
+        "sampling_weights": (np.stack([p.weights.numpy() for p in points]) if points else
+                             np.zeros((0, heads, levels, count))).astype(np.float32),
+        "references_xyxy": np.array([analysis.anchor_boxes(q) for q in queries],
+                                    dtype=np.float32).reshape(
+                                        len(queries), analysis.num_decoder_layers + 1, 4),
+        "level_shapes": np.array(analysis.level_shapes, dtype=np.int64),
+        "level_strides": np.array(analysis.strides, dtype=np.int64),
+    }
+
+
 def _settings(analysis: Analysis, view: View) -> dict:
     def head(h):
         return "mean" if h is None else h
 
+    encoder = analysis.num_layers
     return {
         "variant": analysis.variant,
         "model": analysis.spec.title,
         "threshold": view.threshold,
         "method": view.method,
-        "encoder_layer": view.encoder_layer % analysis.num_layers,
-        "encoder_head": head(view.encoder_head),
+        "encoder_layer": view.encoder_layer % encoder if encoder else None,
+        "encoder_head": head(view.encoder_head) if encoder else None,
         "decoder_layer": view.decoder_layer % analysis.num_decoder_layers,
         "decoder_head": head(view.decoder_head),
         "direction": view.direction,
         "relevance_target": view.target,
+        **({"decoder_level": view.decoder_level} if analysis.sparse else {}),
     }
 
 

@@ -1,8 +1,10 @@
 """Figures of what makes a family worth looking at: Conditional DETR's content and spatial terms,
-DAB-DETR's anchor boxes through the decoder layers. Pure functions from records to figures.
+DAB-DETR's anchor boxes (and any deformable model's reference boxes) through the decoder layers,
+a deformable model's sampling points. Pure functions from records to figures.
 
     terms_grid(display, grid, detections, {"full": m, "content": c, "spatial": s})
     anchors_figure(display, detections, [analysis.anchor_boxes(d.query) for d in detections])
+    sampling_figure(display, detections, [analysis.sampling_points(d.query) for d in ...])
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from detr_viz.figures import (
     PALETTE,
     _blank,
     _check_display,
+    _on,
     _public,
     _style,
     box_trace,
@@ -27,6 +30,9 @@ from detr_viz.figures import (
     photo_trace,
 )
 from detr_viz.geometry import FeatureGrid
+from detr_viz.sampling import SamplingPoints
+
+COLOR_BY = ("head", "level")
 
 
 @_public
@@ -62,13 +68,14 @@ def terms_grid(
 @_public
 def anchors_figure(
     display: DisplayImage, detections: Sequence[Detection], boxes: Sequence[np.ndarray],
-    height: int = 520,
+    height: int = 520, kind: str = "anchor",
 ) -> dict:
     """The photo with each detection's box through the decoder layers: ``boxes[i]`` is
     (layers + 1, 4) xyxy photo pixels, the anchor each layer started from, then the final box
     (:meth:`detr_viz.analysis.Analysis.anchor_boxes`). Earlier anchors are dashed and fainter,
     the final box solid; a line joins the centres (the refinement's path); hover names the
-    layer."""
+    layer. ``kind``: what the boxes are called ("anchor"; "reference" for deformable models,
+    whose first reference may be a point: a box of size 0)."""
     if not detections:
         return _blank(NO_DETECTIONS, height)
     data = [photo_trace(display)]
@@ -77,7 +84,7 @@ def anchors_figure(
         steps = len(trail)
         for j, (x0, y0, x1, y1) in enumerate(trail):
             final = j == steps - 1
-            what = "final box" if final else f"anchor of layer {j + 1}"
+            what = "final box" if final else f"{kind} of layer {j + 1}"
             data.append({
                 "type": "scatter", "x": [x0, x1, x1, x0, x0], "y": [y0, y0, y1, y1, y0],
                 "mode": "lines", "showlegend": False, "hoverinfo": "text",
@@ -91,5 +98,89 @@ def anchors_figure(
                      "line": {"color": color, "width": 1}, "marker": {"size": 5}})
     spec = {"data": data, "layout": {}}
     photo_axes(spec, display.original_size)
-    return _style(spec, height, "Anchor boxes through the decoder layers (dashed: the anchor "
-                  "each layer started from, fainter = earlier; solid: the final box)")
+    return _style(spec, height, f"{kind.capitalize()} boxes through the decoder layers "
+                  f"(dashed: the {kind} each layer started from, fainter = earlier; solid: the "
+                  "final box)")
+
+
+def _dot_sizes(weights: np.ndarray, largest: float) -> np.ndarray:
+    """Marker diameters in pixels: area proportional to weight, 3 px for a weight of 0 up to
+    22 px for the largest weight in the figure."""
+    return 3 + 19 * np.sqrt(np.clip(weights, 0, None) / max(largest, 1e-12))
+
+
+@_public
+def sampling_figure(
+    display: DisplayImage, detections: Sequence[Detection], points: Sequence[SamplingPoints],
+    *, color_by: str = "head", head: int | None = None, level: int | None = None,
+    height: int = 420, title: str | None = None, titles: Sequence[str] | None = None,
+) -> dict:
+    """One panel per detection: the photo, the detection's box (solid), the reference its
+    layer started from (dashed white box, or a white cross for a point), and every sampling
+    point of that layer (``points[i]``, photo pixels) as a dot whose area is its weight,
+    coloured by head or by level (``color_by``); ``head``, ``level``: that head's or level's
+    points only (None: all). Hover
+    gives head, level (stride), point, weight and position. Points outside the photo are
+    outside the panel (the caption should say how many). ``titles``: one per panel (default:
+    query, class and layer)."""
+    if color_by not in COLOR_BY:
+        raise ValueError(f"color_by must be one of {COLOR_BY}, not {color_by!r}")
+    n = len(detections)
+    if n == 0:
+        return _blank(NO_DETECTIONS, height)
+    largest = max(float(p.weights.max()) for p in points)
+    titles = titles or [f"query {d.query} ({d.name}), layer {p.layer + 1}"
+                        for d, p in zip(detections, points, strict=True)]
+    spec = panels(1, n, titles, min(0.02, 1 / max(n - 1, 1)), 0.05)
+    shown_groups: set[int] = set()
+    for i, (det, pts) in enumerate(zip(detections, points, strict=True)):
+        k = i + 1
+        spec["data"] += [photo_trace(display, k), box_trace(det.box, PALETTE[i % len(PALETTE)],
+                                                            None, k)]
+        spec["data"].append(_reference_trace(pts.reference.numpy(), k))
+        xy = pts.locations.numpy()  # (heads, levels, points, 2)
+        weights = pts.weights.numpy()
+        heads, levels, count = weights.shape
+        head_of, level_of, _ = np.indices((heads, levels, count))
+        real = ~np.isnan(xy[..., 0])
+        if level is not None:
+            real &= level_of == level
+        if head is not None:
+            real &= head_of == head
+        for group in range(heads if color_by == "head" else levels):
+            where = np.argwhere(real & ((head_of if color_by == "head" else level_of) == group))
+            if not len(where):
+                continue
+            h, lv, p = where.T
+            w, at = weights[h, lv, p], xy[h, lv, p]
+            name = (f"head {group + 1}" if color_by == "head"
+                    else f"level {group} (stride {pts.strides[group]})")
+            spec["data"].append(_on({
+                "type": "scatter", "x": at[:, 0], "y": at[:, 1], "mode": "markers",
+                "name": name, "legendgroup": name, "showlegend": group not in shown_groups,
+                "marker": {"size": _dot_sizes(w, largest), "color": PALETTE[group % len(PALETTE)],
+                           "opacity": 0.85, "line": {"color": "white", "width": 0.5}},
+                "hovertemplate": [
+                    f"head {a + 1}, level {b} (stride {pts.strides[b]}), point {c + 1}<br>"
+                    f"weight {wt:.3f} at ({x:.0f}, {y:.0f})<extra></extra>"
+                    for a, b, c, wt, (x, y) in zip(h, lv, p, w, at, strict=True)]}, k))
+            shown_groups.add(group)
+        photo_axes(spec, display.original_size, k)
+    spec = _style(spec, height, title)
+    spec["layout"].update(showlegend=True, legend={"orientation": "h", "y": -0.02,
+                                                   "yanchor": "top"})
+    return spec
+
+
+def _reference_trace(reference: np.ndarray, k: int) -> dict:
+    """The layer's reference: a dashed white box (cx, cy, w, h), or a white cross (x, y)."""
+    if reference.shape[0] == 2:
+        return _on({"type": "scatter", "x": [reference[0]], "y": [reference[1]],
+                    "mode": "markers", "marker": {"symbol": "x-thin", "size": 14,
+                                                  "line": {"color": "white", "width": 3}},
+                    "showlegend": False, "hoverinfo": "text", "text": "reference point"}, k)
+    cx, cy, w, h = reference
+    x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    return _on({"type": "scatter", "x": [x0, x1, x1, x0, x0], "y": [y0, y0, y1, y1, y0],
+                "mode": "lines", "line": {"color": "white", "width": 2, "dash": "dash"},
+                "showlegend": False, "hoverinfo": "text", "text": "reference box"}, k)

@@ -26,11 +26,18 @@ MEAN = -1  # column of the mean of the heads (the last); maps[:, :MEAN] are the 
 def decoder_overview(analysis: Analysis, query: int) -> np.ndarray:
     """Cross-attention of object query ``query``, every decoder layer and head.
 
-    Returns (layers, heads + 1, h, w) float32; every map sums to 1 (it is a row).
+    Returns (layers, heads + 1, h, w) float32; every map sums to 1 (it is a row). Deformable
+    models: each head's splatted sampling weights, all levels on the finest grid (summing to 1
+    up to the weight that fell outside the maps).
     """
     if not 0 <= query < analysis.num_queries:
         raise ArgumentError(f"query {query} is out of range (0..{analysis.num_queries - 1}).")
-    layers = [factors.head_rows([query])[:, 0] for factors in analysis.decoder]
+    if analysis.sparse:  # deformable: each head's splatted sampling weights (all levels)
+        layers = [np.stack([analysis.decoder_attention(query, layer, head).ravel()
+                            for head in range(analysis.num_heads)])
+                  for layer in range(analysis.num_decoder_layers)]
+    else:
+        layers = [factors.head_rows([query])[:, 0] for factors in analysis.decoder]
     return _with_mean(layers, analysis.feature_hw)
 
 
@@ -42,7 +49,8 @@ def encoder_overview(
     ``point`` is (x, y) in original-image pixels; ``direction`` reads as in
     :meth:`Analysis.encoder_attention`: "incoming" the column (what looks at the cell),
     "outgoing" the row (where the cell looks; each map sums to 1).
-    Returns (layers, heads + 1, h, w) float32.
+    Returns (layers, heads + 1, h, w) float32. Deformable models: their encoder's maps
+    (:meth:`detr_viz.deformable.DeformableAnalysis.encoder_attention`, on the finest level).
     """
     cell = analysis.grid.cell_index(*analysis.grid.cell_at(*point))
     if direction == INCOMING:
@@ -51,7 +59,14 @@ def encoder_overview(
         read = AttentionFactors.head_rows
     else:
         raise ArgumentError(f"direction must be {INCOMING!r} or {OUTGOING!r}, not {direction!r}.")
-    layers = [read(factors, [cell])[:, 0] for factors in analysis.encoder]
+    if analysis.sparse:  # deformable or AIFI encoder (detr_viz.deformable), if any
+        layers = [np.stack([analysis.encoder_attention(point, layer, head, direction).ravel()
+                            for head in range(analysis.num_encoder_heads)])
+                  for layer in range(analysis.num_layers)]
+    else:
+        layers = [read(factors, [cell])[:, 0] for factors in analysis.encoder]
+    if not layers:
+        raise ArgumentError(f"{analysis.spec.architecture} has no encoder attention.")
     return _with_mean(layers, analysis.feature_hw)
 
 

@@ -297,3 +297,31 @@ def test_without_a_processor_config_the_familys_defaults_apply(tmp_path, photo):
     analysis = analyze(load_model(checkpoint=str(folder)), photo)
     assert analysis.frame.input_size == (640, 640)  # RT-DETR squashes every photo to 640x640
     assert analysis.grid.shape == (80, 80) and analysis.stride == 8
+
+
+def test_export_holds_the_sampling_points_and_references(analyses):
+    import io
+
+    from detr_viz import export
+
+    _, a = analyses["deformable_detr"]
+    view = export.View(threshold=0.0, decoder_layer=0, decoder_head=1, decoder_level=2,
+                       points=((30.0, 40.0),))
+    data = np.load(io.BytesIO(export.to_npz(a, view)))
+    queries = [d.query for d in a.detections(0.0)]
+    np.testing.assert_array_equal(data["queries"], queries)
+    np.testing.assert_allclose(data["decoder_maps"], a.decoder_attentions(queries, 0, 1, level=2),
+                               rtol=1e-6)
+    np.testing.assert_allclose(data["sampling_xy"][2], a.sampling_points(queries[2], 0).locations,
+                               rtol=1e-6)
+    np.testing.assert_allclose(data["sampling_weights"][2],
+                               a.sampling_points(queries[2], 0).weights, rtol=1e-6)
+    np.testing.assert_allclose(data["references_xyxy"][1], a.anchor_boxes(queries[1]), rtol=1e-6)
+    assert data["level_strides"].tolist() == list(a.strides)
+    settings = json.loads(str(data["settings"]))
+    assert settings["decoder_level"] == 2 and "Deformable DETR" in settings["model"]
+    _, without = analyses["rf_detr"]  # no encoder: the points are kept, no maps around them
+    data = np.load(io.BytesIO(export.to_npz(without, export.View(threshold=0.0,
+                                                                  points=((3.0, 4.0),)))))
+    assert data["encoder_maps"].shape[0] == 0 and data["points_xy"].shape == (1, 2)
+    assert json.loads(str(data["settings"]))["encoder_layer"] is None

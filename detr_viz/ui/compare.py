@@ -42,6 +42,9 @@ def compare_section(a: Run, b: Run, photo: Photo, threshold: float, method: str,
         st.info("Encoder relevance explains a detection found by both models; no pair matched, "
                 "so there is nothing to explain here. Lower the threshold, or choose raw "
                 "attention or rollout.")
+    elif points and (lacking := [r for r in (a, b) if r.analysis.num_layers == 0]):
+        st.info(f"No encoder comparison: {lacking[0].spec.architecture} has no transformer "
+                "encoder (its decoder reads the backbone's features).")
     elif points:
         direction = DIRECTIONS[st.session_state.get("enc-direction", next(iter(DIRECTIONS)))]
         target = pairs[0] if pairs else None

@@ -185,6 +185,9 @@ def _detection(run: Run, kept: list[Detection], key: str) -> Detection:
 
 
 def _edges(run: Run, photo: Photo, kept: list[Detection], style: dict) -> None:
+    if (why := unavailable(run, RELEVANCE)) is not None:  # edges are relevance maps
+        st.info("Box edges are explained by relevance. " + why)
+        return
     det = _detection(run, kept, "dbg-edges-query")
     with resources.editing(photo, run, "edges") as store:
         if det.query not in store.items:

@@ -36,9 +36,15 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     layers.apply_pick("dec", run.analysis)
     cols = st.columns([1, 1, 2])
     layer, head = layers.layer_and_head("dec", cols, run.analysis)
+    level = layers.level("dec", cols[2], run.analysis) if run.analysis.sparse else None
     if method != RAW:
         cols[2].caption(f"**{method}** combines every layer and head; layer and head apply "
                         "to raw attention and to the overview below.")
+    elif run.analysis.sparse:
+        how = ("bilinear" if run.analysis.capture.decoder.sampler == "bilinear"
+               else "discrete: the one cell each point reads")
+        cols[2].caption("Each query's sampling points, their weights spread over the cells "
+                        f"the sampler read them from ({how}), on the finest level's grid.")
     shown = shown_detections(run, photo, threshold)
     queries = [d.query for d in shown]
     why = unavailable(run, method)
@@ -49,14 +55,15 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         return
 
     def build():
-        maps = decoder_maps(photo, run, method, queries, layer, head)
+        maps = (decoder_maps(photo, run, method, queries, layer, head) if level is None
+                else run.analysis.decoder_attentions(queries, layer, head, level=level))
         width, height = run.analysis.original_size  # rows as tall as a column's photo + title
         row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
         return maps, figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,
                                                height_per_row=row,
                                                titles=[_title(d, method) for d in shown], **style)
 
-    key = ("decoder", photo.digest, *run.key, method, layer, head, tuple(queries),
+    key = ("decoder", photo.digest, *run.key, method, layer, head, level, tuple(queries),
            tuple(style.items()))
     maps, spec = memo(key, build)
     charts.show(spec, key="decoder-grid")

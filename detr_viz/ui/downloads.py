@@ -7,6 +7,7 @@ from collections.abc import Callable
 import streamlit as st
 
 from detr_viz import debug_figures, export, figures
+from detr_viz.family_figures import sampling_figure
 from detr_viz.ui import resources
 from detr_viz.ui.maps import decoder_maps, encoder_maps, tag, unavailable
 from detr_viz.ui.resources import Photo, Run
@@ -23,9 +24,14 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
         v = view()
         kept = analysis.detections(v.threshold)
         queries = [d.query for d in kept]
-        dec = decoder_maps(photo, run, v.method, queries, v.decoder_layer, v.decoder_head)
-        enc = encoder_maps(photo, run, v.method, v.points, v.encoder_layer, v.encoder_head,
-                           v.direction, v.target)
+        if v.decoder_level is not None:  # a deformable model's one level (raw attention)
+            dec = analysis.decoder_attentions(queries, v.decoder_layer, v.decoder_head,
+                                              level=v.decoder_level)
+        else:
+            dec = decoder_maps(photo, run, v.method, queries, v.decoder_layer, v.decoder_head)
+        enc = [] if analysis.num_layers == 0 else encoder_maps(
+            photo, run, v.method, v.points, v.encoder_layer, v.encoder_head, v.direction,
+            v.target)
         method_tag = tag(v.method, v.decoder_layer, v.decoder_head)
         found = {q: {v.method: s} for q in queries
                  if (s := resources.known_scores(photo, run, q, method_tag, "map")) is not None}
@@ -33,15 +39,20 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
 
     def html() -> str:
         v, kept, dec, enc, _ = content()
-        return export.figures_html([
+        shown = [
             ("Detections", figures.detections_figure(photo.display, kept)),
             (f"Decoder: {v.method}", figures.decoder_grid(photo.display, analysis.grid, kept, dec,
                                                           **style)),
             ("Every object at once", debug_figures.composite_figure(
-                photo.display, analysis.grid, kept, dec, method=v.method)),
-            (f"Encoder: {v.method}", figures.encoder_panels(photo.display, analysis.grid,
-                                                            v.points, enc, **style)),
-        ], title=f"detr-viz: {analysis.variant}, {v.method}")
+                photo.display, analysis.grid, kept, dec, method=v.method))]
+        if analysis.sparse:
+            points = [analysis.sampling_points(d.query, v.decoder_layer) for d in kept]
+            shown.append(("Sampling points", sampling_figure(
+                photo.display, kept, points, head=v.decoder_head, level=v.decoder_level)))
+        if analysis.num_layers:
+            shown.append((f"Encoder: {v.method}", figures.encoder_panels(
+                photo.display, analysis.grid, v.points, enc, **style)))
+        return export.figures_html(shown, title=f"detr-viz: {analysis.variant}, {v.method}")
 
     def npz() -> bytes:
         v, _, dec, enc, found = content()

@@ -7,9 +7,10 @@ from PIL import Image, ImageDraw
 from streamlit_image_coordinates import streamlit_image_coordinates
 
 from detr_viz import figures, overview
-from detr_viz.analysis import INCOMING, OUTGOING, Analysis
+from detr_viz.analysis import INCOMING, OUTGOING, Analysis, Detection
 from detr_viz.display import display_to_original, pixel_box
 from detr_viz.explain import RAW, RELEVANCE
+from detr_viz.family_figures import sampling_figure
 from detr_viz.ui import charts, layers
 from detr_viz.ui.maps import encoder_maps, unavailable
 from detr_viz.ui.memo import memo
@@ -75,9 +76,16 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     analysis = run.analysis
     if take_click(photo, analysis, points) and linked:  # before drawing: the image shows it
         st.rerun()
+    if analysis.sparse and analysis.num_layers == 0:
+        st.info(analysis.no_deformable_encoder())
+        return
     layers.apply_pick("enc", analysis)
-    cols = st.columns([1, 1, 2])
+    cols = st.columns([1, 1, 2] if analysis.encoder_kind != "deformable" else [1, 1, 1, 2])
     layer, head = layers.layer_and_head("enc", cols, analysis)
+    level = None
+    if analysis.encoder_kind == "deformable":
+        level = layers.level("enc", cols[2], analysis)
+        cols = [*cols[:2], cols[3]]
     direction = DIRECTIONS[cols[2].radio(
         "Encoder map shows", list(DIRECTIONS), key="enc-direction", horizontal=True,
         help="Column (the notebook's reading) or row of the encoder self-attention at the "
@@ -99,7 +107,10 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
 
     def one(point):  # a new click computes only its own map
         key = ("encoder map", photo.digest, *run.key, method, layer, head, direction, target,
-               point)
+               level, point)
+        if level is not None:  # a deformable encoder's token on that level (raw attention)
+            return memo(key, lambda: analysis.encoder_attention(point, layer, head, direction,
+                                                                level=level))
         return memo(key, lambda: encoder_maps(photo, run, method, [point], layer, head,
                                               direction, target)[0])
 
@@ -115,7 +126,7 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         panels = figures.encoder_panels.spec(photo.panel, analysis.grid, points, maps, **style)
         return heatmap, panels
 
-    key = ("encoder", photo.digest, *run.key, method, layer, head, direction, target,
+    key = ("encoder", photo.digest, *run.key, method, layer, head, direction, target, level,
            tuple(points), tuple(style.items()))
     heatmap, panels = memo(key, build)
     with right:
@@ -124,8 +135,30 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         else:
             st.info("No reference point: click the photo.")
     charts.show(panels, key="encoder-panels")
+    if points and analysis.encoder_kind == "deformable":
+        token_points(run, photo, points[-1], layer, head, level)
     if points and st.toggle("Every layer and head (raw attention), at the last point",
                             key="enc-overview-on"):
         grid = overview.encoder_overview(analysis, points[-1], direction)
         layers.overview("enc", grid, (layer, head), photo.display, analysis.grid,
                         style["colorscale"], point=points[-1])
+
+
+def token_points(run: Run, photo: Photo, point, layer: int, head: int | None,
+                 level: int | None) -> None:
+    """Where the encoder token under the last point samples (a deformable encoder)."""
+    analysis = run.analysis
+    chosen = 0 if level is None else level
+    pts = analysis.encoder_points(point, chosen, layer)
+    grid = analysis.level_grid(chosen)
+    cell = grid.cell_at(*point)
+    x0, y0, x1, y1 = grid.cell_bounds(*cell)
+    token = Detection(pts.index, -1, "token", 1.0, (x0, y0, x1, y1))
+    key = ("token points", photo.digest, *run.key, point, chosen, layer, head)
+    st.caption(f"Where the token under the last point (level {chosen}, cell {cell}) samples "
+               f"in encoder layer {layer + 1}: a dot per head, level and point, its area the "
+               "weight; the blue box is the token's own cell, the white cross its reference point.")
+    charts.show(memo(key, lambda: sampling_figure.spec(
+        photo.display, [token], [pts], color_by="level", head=head, height=480,
+        titles=[f"token {pts.index}: level {chosen}, cell {cell}, layer {layer + 1}"])),
+        key="encoder-sampling")

@@ -29,6 +29,46 @@ def depth(analysis: Analysis, prefix: str) -> int:
     return analysis.num_decoder_layers if prefix == "dec" else analysis.num_layers
 
 
+def heads(analysis: Analysis, prefix: str) -> int:
+    """Heads of the section ``prefix`` (a deformable encoder may have other heads than its
+    decoder)."""
+    return analysis.num_heads if prefix == "dec" else analysis.num_encoder_heads
+
+
+ALL_LEVELS = "all levels"
+
+
+def level_labels(analysis: Analysis) -> list[str]:
+    """``["all levels", "level 0: 100x134, stride 8", ...]`` of a deformable model."""
+    return [ALL_LEVELS] + [f"level {i}: {h}x{w}, stride {s}" for i, ((h, w), s) in
+                           enumerate(zip(analysis.level_shapes, analysis.strides, strict=True))]
+
+
+def level(prefix: str, column, analysis: Analysis) -> int | None:
+    """A deformable model's level control in ``column``: the level index, or None for all
+    levels (a choice another model lacks becomes all levels)."""
+    labels = level_labels(analysis)
+    if st.session_state.get(f"{prefix}-level", ALL_LEVELS) not in labels:
+        st.session_state[f"{prefix}-level"] = ALL_LEVELS
+    chosen = column.selectbox(
+        "Level", labels, key=f"{prefix}-level",
+        help="The feature level the sampling points read (finest first); all levels: their "
+             "weights summed, each level's cells spread over the finest grid.")
+    return _level_index(labels, chosen)
+
+
+def _level_index(labels: list[str], chosen: str) -> int | None:
+    index = labels.index(chosen) - 1
+    return None if index < 0 else index
+
+
+def current_level(prefix: str, analysis: Analysis) -> int | None:
+    """The level chosen in a section so far (None: all levels, or none chosen)."""
+    labels = level_labels(analysis)
+    chosen = st.session_state.get(f"{prefix}-level", ALL_LEVELS)
+    return _level_index(labels, chosen) if chosen in labels else None
+
+
 def apply_pick(prefix: str, analysis: Analysis) -> None:
     """Make the thumbnail clicked in this section's overview the shown layer and head.
 
@@ -41,7 +81,7 @@ def apply_pick(prefix: str, analysis: Analysis) -> None:
     st.session_state[f"{prefix}-picked"] = pick
     layer, head = pick
     st.session_state[f"{prefix}-layer"] = layer_labels(depth(analysis, prefix))[layer]
-    st.session_state[f"{prefix}-head"] = head_labels(analysis.num_heads)[
+    st.session_state[f"{prefix}-head"] = head_labels(heads(analysis, prefix))[
         0 if head is None else head + 1]
 
 
@@ -56,7 +96,7 @@ def current(prefix: str, analysis: Analysis | None = None) -> tuple[int, int | N
     if analysis is not None:
         layers = depth(analysis, prefix)
         layer = layers - 1 if layer < 0 or layer >= layers else layer
-        head = None if head is not None and head >= analysis.num_heads else head
+        head = None if head is not None and head >= heads(analysis, prefix) else head
     return layer, head
 
 
@@ -64,14 +104,14 @@ def layer_and_head(prefix: str, columns, analysis: Analysis) -> tuple[int, int |
     """Two selectboxes in ``columns`` for ``analysis``'s layers and heads: (layer index,
     head index or None for the mean). A choice the model lacks (another model was picked)
     becomes its last layer, the mean of its heads."""
-    layers, heads = layer_labels(depth(analysis, prefix)), head_labels(analysis.num_heads)
+    layers, names = layer_labels(depth(analysis, prefix)), head_labels(heads(analysis, prefix))
     for key, options, default in ((f"{prefix}-layer", layers, layers[-1]),
-                                  (f"{prefix}-head", heads, heads[0])):
+                                  (f"{prefix}-head", names, names[0])):
         if st.session_state.get(key, default) not in options:  # set, not deleted: the browser
             st.session_state[key] = default  # shows a value set in session state, not its own
     layer = layers.index(columns[0].selectbox("Layer", layers, index=len(layers) - 1,
                                               key=f"{prefix}-layer"))
-    head = heads.index(columns[1].selectbox("Head", heads, key=f"{prefix}-head")) - 1
+    head = names.index(columns[1].selectbox("Head", names, key=f"{prefix}-head")) - 1
     return layer, None if head < 0 else head
 
 
