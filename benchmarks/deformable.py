@@ -4,7 +4,10 @@ Per family and size, interleaved: the plain forward (``output_attentions`` False
 with ``output_attentions=True`` (transformers' own weights, without locations: the issue's
 baseline), :func:`detr_viz.sampling_capture.capture_sampling` of the decoder, and the same
 with ``encoder=True`` (a deformable encoder's points per token, or a dense AIFI softmax). Goal
-(issue 14): capture <= 1.1 x the plain forward.
+(issue 14): capture <= 1.1 x the plain forward. With ``--analyze``, the whole of detr-viz's
+``analyze`` on a photo (image processor, capture with the encoder, the record) against the
+same image processor followed by transformers' forward with ``output_attentions=True``
+(issue 14's goal: at most 1.1x).
 
 Sizes: ``tiny``, the tests' models (``tests/deformable_models.py``) on their small images, and
 ``real``, each family's released configuration size with random weights (timing does not
@@ -22,6 +25,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, whatever happens below
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
@@ -30,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     common_arguments,
     fmt_time,
     interleaved,
+    official_size_photo,
     paired_ratio,
     print_header,
     resolve,
@@ -79,6 +86,30 @@ def tiny_model(family: str) -> tuple[torch.nn.Module, tuple[int, int]]:
     return build(family, dtype=torch.float32), SIZES[family]
 
 
+def analyze_rows(family: str, model, repeats: int, work: Path) -> list[str]:
+    """detr-viz's ``analyze`` of a 1066 x 800 photo (the family's image processor, the capture
+    with the encoder, the record) against what a transformers user runs for the attention
+    weights: the same processor, then the forward with ``output_attentions=True``."""
+    from detr_viz import analyze, load_model
+
+    folder = work / family
+    model.save_pretrained(folder)
+    detector = load_model(checkpoint=folder)
+    photo = official_size_photo()
+
+    def transformers_way():
+        inputs = detector.processor(images=photo, return_tensors="pt")
+        with torch.inference_mode():
+            return detector.hf(**inputs, output_attentions=True)
+
+    cases = {"processor + output_attentions": transformers_way,
+             "analyze": lambda: analyze(detector, photo)}
+    times = interleaved(cases, repeats)
+    size = detector.processor(images=photo, return_tensors="pt")["pixel_values"].shape
+    return [family, f"{size[3]} x {size[2]}", *(fmt_time(times[n].median) for n in cases),
+            f"{paired_ratio(times['analyze'], times['processor + output_attentions']).median:.3f}x"]
+
+
 def measure(family: str, model, size: tuple[int, int], repeats: int) -> list[str]:
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
 
@@ -106,20 +137,31 @@ def main() -> None:
     parser = common_arguments(__doc__.splitlines()[0], repeats=5, quick_repeats=2)
     parser.add_argument("--sizes", nargs="+", choices=("tiny", "real"), default=["tiny", "real"])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--analyze", action="store_true",
+                        help="also detr-viz's analyze() of a photo against the family's image "
+                             "processor + forward with output_attentions=True (real sizes)")
     args = resolve(parser.parse_args())
     print_header("Sampling-point capture on the deformable DETR families", args)
     share = CpuShare()
-    rows = []
-    for size in args.sizes:
-        for family in args.families:
-            torch.manual_seed(0)
-            model, shape = (tiny_model(family) if size == "tiny"
-                            else (real_model(family), REAL_INPUT[family]))
-            rows.append([size, *measure(family, model, shape, args.repeats)])
-            del model
+    rows, whole = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for family in args.families:
+                torch.manual_seed(0)
+                model, shape = (tiny_model(family) if size == "tiny"
+                                else (real_model(family), REAL_INPUT[family]))
+                rows.append([size, *measure(family, model, shape, args.repeats)])
+                if args.analyze and size == "real":
+                    whole.append(analyze_rows(family, model, args.repeats, Path(tmp)))
+                del model
     print(table(["size", "family", "input (W x H)", "forward", "output_attentions=True",
                  "capture", "capture+encoder", "output_attentions / forward",
                  "capture / forward", "capture+encoder / forward", "record (all)"], rows))
+    if whole:
+        print("\nA photo end to end (1066 x 800 JPEG-sized image, the family's image processor "
+              "with its default sizes):\n")
+        print(table(["family", "model input (W x H)", "processor + output_attentions=True",
+                     "analyze (capture with encoder)", "analyze / transformers"], whole))
     print(f"\nMedians of {args.repeats} interleaved rounds after 1 warm-up; ratios per round. "
           + share.report())
 

@@ -4,7 +4,9 @@
     python -m benchmarks.page --baseline c4dde06   # the page as it was at another commit
     python -m benchmarks.page --quick              # 3 repeats instead of 7
     python -m benchmarks.page --families --baseline ''   # also a fine-tuned DETR, Conditional
-                                                   # DETR and DAB-DETR, picked on the page
+                                                   # DETR, DAB-DETR, RT-DETR and Deformable
+                                                   # DETR, picked on the page
+    python -m benchmarks.page --families --baseline '' --variants 'R50,RT-DETR R18'   # some
 
 ``streamlit run app.py`` serves on loopback through ``benchmarks/timed_server.py``, which logs
 every script run (whole page or fragment): its server time and the bytes of the messages it
@@ -21,12 +23,15 @@ interaction, waiting for the page to settle after each:
 - time to the first heatmaps after the upload: from the drop to a settled page (browser wall
   time), with the server time of the runs in between.
 
-With ``--families``, the same interactions on three checkpoints picked from the page's
+With ``--families``, the same interactions on five checkpoints picked from the page's
 Checkpoint list: a fine-tuned DETR (R50, 3 classes, 50 queries, a DETR training checkpoint) and
 transformers' Conditional DETR and DAB-DETR at the released sizes (ResNet-50, 6 + 6 layers of 8
-heads, 300 queries), random weights saved with ``save_pretrained``. Random weights give every one
+heads, 300 queries), RT-DETR at PekingU/rtdetr_r18vd's (ResNet-18, 3 decoder layers, 640x640
+input) and Deformable DETR with box refinement at SenseTime's (ResNet-50, 6 + 6 layers, 4
+levels, 800 px short side), each deformable page with a level switch too; random weights saved
+with ``save_pretrained``. Random weights give every one
 of the 300 queries nearly the same score (0.7), a detection each; so, as the planted
-stand-ins keep 21 queries above 0.9 on the photo, the two families' class heads are scaled
+stand-ins keep 21 queries above 0.9 on the photo, the four families' class heads are scaled
 (the queries' best logits spread over 4 units) and shifted (one constant for all classes) so
 that 21 queries score above 0.9 on the photo (the scores mean nothing; timing depends on how
 many detections the page draws, not on which), and their pages start from the default
@@ -171,14 +176,15 @@ class Driver:
         self.page.get_by_role("button", name=f"Page {number}", exact=True).first.click()
 
 
-def interactions(d: Driver, repeats: int, threshold_key: str = "ArrowLeft"
-                 ) -> dict[str, list[list[dict]]]:
+def interactions(d: Driver, repeats: int, threshold_key: str = "ArrowLeft", depth: int = 6,
+                 levels: int = 0) -> dict[str, list[list[dict]]]:
     """Each interaction ``repeats`` times, each time to a state the page has not shown yet
     where there are enough (thresholds and opacities step one way, layers and heads cycle, the
     clicks land on new points); pages (2 of them) and methods (raw <-> rollout, "once
-    computed") can only alternate, so those revisit states the page has seen."""
+    computed") can only alternate, so those revisit states the page has seen. ``depth``:
+    decoder layers; ``levels``: a deformable model's feature levels (a level switch too)."""
     layer, head = ("Layer", "Head") if d.new else ("Decoder layer", "Head")
-    layers = [f"layer {i}" for i in (5, 4, 3, 2, 1)] + ["layer 6 (last)"]
+    layers = [f"layer {i}" for i in range(depth - 1, 0, -1)] + [f"layer {depth} (last)"]
     heads = [f"head {i}" for i in range(1, 9)] + ["mean of heads"]
     points = [(0.1 + 0.8 * ((i * 0.37) % 1), 0.1 + 0.8 * ((i * 0.61) % 1)) for i in range(64)]
     steps = {
@@ -189,6 +195,9 @@ def interactions(d: Driver, repeats: int, threshold_key: str = "ArrowLeft"
         "page of detections": [lambda n=n: d.page_button(n) for n in (2, 1)],
         "whole page rerun": [lambda: d.slider("Opacity", "ArrowLeft")],
     }
+    if levels:
+        steps["level switch"] = [lambda o=o: d.choose("Level", o, exact=False) for o in
+                                 [f"level {i}:" for i in range(levels)] + ["all levels"]]
     if d.new:
         d.act(lambda: d.radio("rollout"))  # compute once, then switching is cached
         d.act(lambda: d.radio("raw attention"))
@@ -200,28 +209,35 @@ def interactions(d: Driver, repeats: int, threshold_key: str = "ArrowLeft"
     return out
 
 
-# variant -> (the start of its Checkpoint option, whether its threshold starts at 0)
-FAMILIES = {"fine-tuned DETR": ("finetuned (", True),
-            "Conditional DETR": ("conditional-detr (", False), "DAB-DETR": ("dab-detr (", False)}
+# variant -> (the start of its Checkpoint option, whether its threshold starts at 0, decoder
+# layers, feature levels of a deformable model)
+FAMILIES = {"fine-tuned DETR": ("finetuned (", True, 6, 0),
+            "Conditional DETR": ("conditional-detr (", False, 6, 0),
+            "DAB-DETR": ("dab-detr (", False, 6, 0),
+            "RT-DETR R18": ("rt-detr-r18 (", False, 3, 3),
+            "Deformable DETR": ("deformable-detr (", False, 6, 4)}
 
 
 def family_weights(work: Path, stand_ins: Path, photo: Path, kept: int = 21) -> Path:
-    """The stand-ins plus the three checkpoints of ``--families`` (random weights; Conditional
-    DETR's and DAB-DETR's class heads scaled and shifted so that ``kept`` queries score above
+    """The stand-ins plus the five checkpoints of ``--families`` (random weights; the four
+    transformers families' class heads scaled and shifted so that ``kept`` queries score above
     0.9 on ``photo``: see the module docstring)."""
     import argparse
 
-    import numpy as np
     import torch
     from transformers import (
         ConditionalDetrConfig,
         ConditionalDetrForObjectDetection,
         DabDetrConfig,
         DabDetrForObjectDetection,
+        DeformableDetrConfig,
+        DeformableDetrForObjectDetection,
         ResNetConfig,
+        RTDetrConfig,
+        RTDetrForObjectDetection,
+        RTDetrResNetConfig,
     )
 
-    from detr_viz import analyze, load_model
     from detr_viz.model import build_model
     from detr_viz.spec import ModelSpec
 
@@ -234,36 +250,59 @@ def family_weights(work: Path, stand_ins: Path, photo: Path, kept: int = 21) -> 
                 "args": argparse.Namespace(nheads=8, dilation=False)}, folder / "finetuned.pth")
     common = {"num_queries": 300, "num_labels": 91,
               "backbone_config": ResNetConfig(out_features=["stage4"])}
+    r18 = RTDetrResNetConfig(depths=[2, 2, 2, 2], layer_type="basic",
+                             hidden_sizes=[64, 128, 256, 512],
+                             out_features=["stage2", "stage3", "stage4"])
+    r50 = ResNetConfig(out_features=["stage2", "stage3", "stage4"])
     for name, model, head in (
             ("conditional-detr", ConditionalDetrForObjectDetection(ConditionalDetrConfig(**common)),
-             "class_labels_classifier"),
-            ("dab-detr", DabDetrForObjectDetection(DabDetrConfig(**common)), "class_embed")):
-        classifier = getattr(model, head)
-        classifier.bias.data.zero_()  # the best logit of a query is then (W h)'s largest
-        model.save_pretrained(folder / name)
-        best = analyze(load_model(checkpoint=folder / name), photo).probabilities.max(axis=1)
-        best = np.sort(best.astype(np.float64))[::-1]  # random weights: 0.3-0.7, never 0 or 1
-        logit = np.log(best / (1 - best))
-        scale = 4.0 / (logit[0] - logit[-1])  # the queries' best logits spread over 4 units
-        classifier.weight.data *= scale
-        classifier.bias.data += np.log(0.9 / 0.1) + 0.05 - scale * logit[kept - 1]
-        model.save_pretrained(folder / name)
+             lambda m: m.class_labels_classifier),
+            ("dab-detr", DabDetrForObjectDetection(DabDetrConfig(**common)),
+             lambda m: m.class_embed),
+            # PekingU/rtdetr_r18vd's sizes: ResNet-18, 3 decoder layers, 80 classes, 640x640
+            ("rt-detr-r18", RTDetrForObjectDetection(RTDetrConfig(
+                backbone_config=r18, encoder_in_channels=[128, 256, 512], decoder_layers=3,
+                num_labels=80)), lambda m: m.model.decoder.class_embed[-1]),
+            # SenseTime/deformable-detr-with-box-refine's: ResNet-50, 6 + 6 layers, 4 levels
+            ("deformable-detr", DeformableDetrForObjectDetection(DeformableDetrConfig(
+                backbone_config=r50, with_box_refine=True, num_labels=91)),
+             lambda m: m.class_embed[-1])):
+        save_calibrated(model, head(model), folder / name, photo, kept)
     return folder
 
 
+def save_calibrated(model, classifier, folder: Path, photo: Path, kept: int) -> None:
+    """``model.save_pretrained(folder)`` with its final ``classifier`` (a Linear giving the
+    sigmoid logits) scaled and shifted so that ``kept`` queries score above 0.9 on ``photo``."""
+    import numpy as np
+
+    from detr_viz import analyze, load_model
+
+    classifier.bias.data.zero_()  # the best logit of a query is then (W h)'s largest
+    model.save_pretrained(folder)
+    best = analyze(load_model(checkpoint=folder), photo).probabilities.max(axis=1)
+    best = np.sort(best.astype(np.float64))[::-1]  # random weights: 0.3-0.7, never 0 or 1
+    logit = np.log(best / (1 - best))
+    scale = 4.0 / (logit[0] - logit[-1])  # the queries' best logits spread over 4 units
+    classifier.weight.data *= scale
+    classifier.bias.data += np.log(0.9 / 0.1) + 0.05 - scale * logit[kept - 1]
+    model.save_pretrained(folder)
+
+
 def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new: bool,
-            work: Path, families: Path | None = None, only_families: bool = False
-            ) -> dict[str, dict]:
+            work: Path, families: Path | None = None, only_families: bool = False,
+            only: Sequence[str] = ()) -> dict[str, dict]:
     results = {}
     variants = [] if only_families else [("R50", None), ("R50-DC5", "DC5 (stride 16)")]
     variants += [(name, "pick") for name in FAMILIES] if families else []
+    variants = [v for v in variants if not only or v[0] in only]
     for variant, stride in variants:
         server = Server(folder, families if stride == "pick" else weights,
                         work / f"{'new' if new else 'old'}-{variant}.jsonl")
         d = None
         try:
             d = Driver(browser, server, new)
-            option, from_zero = FAMILIES.get(variant, (None, False))
+            option, from_zero, depth, levels = FAMILIES.get(variant, (None, False, 6, 0))
             if option:
                 d.act(lambda d=d, o=option: d.choose("Checkpoint", o, exact=False))
             if from_zero:
@@ -276,7 +315,8 @@ def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new
             first = {"wall": time.perf_counter() - start,
                      "server": sum(r["seconds"] for r in runs)}
             key = "ArrowRight" if from_zero else "ArrowLeft"  # from 0: upwards
-            results[variant] = {"first": first, "interactions": interactions(d, repeats, key)}
+            results[variant] = {"first": first,
+                                "interactions": interactions(d, repeats, key, depth, levels)}
             d.page.close()
         except Exception as exc:  # one variant's failure must not lose the others' numbers
             shot = bench_dir() / f"page-failed-{variant}.png"
@@ -325,10 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", default="c4dde06",
                         help="commit whose page is measured beside this checkout's ('' : none)")
     parser.add_argument("--families", action="store_true",
-                        help="also a fine-tuned DETR, Conditional DETR and DAB-DETR (this "
-                             "checkout only)")
+                        help="also a fine-tuned DETR, Conditional DETR, DAB-DETR, RT-DETR and "
+                             "Deformable DETR (this checkout only)")
     parser.add_argument("--only-families", action="store_true",
                         help="with --families: skip the released R50 and R50-DC5")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated variants to measure (default: all), e.g. "
+                             "'R50,RT-DETR R18'")
     args = resolve(parser.parse_args(argv))
     if CHROMIUM is None:
         sys.exit("needs Debian's chromium: apt-get install -y chromium")
@@ -351,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
             families = family_weights(work, weights, photo) if args.families else None
             for label, folder, new in checkouts:
                 r, f = report(measure(browser, folder, weights, photo, args.repeats, new, work,
-                                      families if new else None, args.only_families), label)
+                                      families if new else None, args.only_families,
+                                      [v for v in args.variants.split(",") if v]), label)
                 rows += r
                 first += f
             browser.close()

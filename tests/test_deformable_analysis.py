@@ -325,3 +325,13 @@ def test_export_holds_the_sampling_points_and_references(analyses):
                                                                   points=((3.0, 4.0),)))))
     assert data["encoder_maps"].shape[0] == 0 and data["points_xy"].shape == (1, 2)
     assert json.loads(str(data["settings"]))["encoder_layer"] is None
+
+
+def test_overlap_shares_are_blocks_for_whole_ratios_and_keep_each_cells_weight():
+    from detr_viz.deformable import _overlap
+
+    np.testing.assert_allclose(_overlap(8, 8, 2, 32), np.kron(np.eye(2), np.ones((4, 1))) / 4)
+    shares = _overlap(10, 8, 6, 14)  # a 14-pixel patch over 8-pixel cells
+    inside = [c for c in range(6) if (c + 1) * 14 <= 80]
+    np.testing.assert_allclose(shares[:, inside].sum(axis=0), 1.0)
+    assert shares[1, 0] == pytest.approx(6 / 14) and shares[0, 1] == 0  # [8, 14) of [0, 14)

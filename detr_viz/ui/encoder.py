@@ -79,11 +79,12 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     if analysis.sparse and analysis.num_layers == 0:
         st.info(analysis.no_deformable_encoder())
         return
+    deformable = analysis.sparse and analysis.encoder_kind == "deformable"
     layers.apply_pick("enc", analysis)
-    cols = st.columns([1, 1, 2] if analysis.encoder_kind != "deformable" else [1, 1, 1, 2])
+    cols = st.columns([1, 1, 1, 2] if deformable else [1, 1, 2])
     layer, head = layers.layer_and_head("enc", cols, analysis)
     level = None
-    if analysis.encoder_kind == "deformable":
+    if deformable:
         level = layers.level("enc", cols[2], analysis)
         cols = [*cols[:2], cols[3]]
     direction = DIRECTIONS[cols[2].radio(
@@ -135,7 +136,7 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         else:
             st.info("No reference point: click the photo.")
     charts.show(panels, key="encoder-panels")
-    if points and analysis.encoder_kind == "deformable":
+    if points and deformable:
         token_points(run, photo, points[-1], layer, head, level)
     if points and st.toggle("Every layer and head (raw attention), at the last point",
                             key="enc-overview-on"):
@@ -159,6 +160,6 @@ def token_points(run: Run, photo: Photo, point, layer: int, head: int | None,
                f"in encoder layer {layer + 1}: a dot per head, level and point, its area the "
                "weight; the blue box is the token's own cell, the white cross its reference point.")
     charts.show(memo(key, lambda: sampling_figure.spec(
-        photo.display, [token], [pts], color_by="level", head=head, height=480,
+        photo.panel, [token], [pts], color_by="level", head=head, height=480,
         titles=[f"token {pts.index}: level {chosen}, cell {cell}, layer {layer + 1}"])),
         key="encoder-sampling")
