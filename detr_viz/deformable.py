@@ -8,13 +8,14 @@
                                                           # the final box (xyxy photo pixels)
 
 Families (config.json's ``model_type``): Deformable DETR (plain, box refinement, two-stage),
-RT-DETR, RT-DETRv2, D-FINE, LW-DETR and RF-DETR, all in transformers' code, built from the vetted
-config.json with their backbone never downloaded (transformers' own backbones, or a timm ResNet
-with ``pretrained=False``), weights from safetensors or ``torch.load(weights_only=True)``, every
-key checked, never remote code. The photo goes through the family's own image processor (the
-folder's ``preprocessor_config.json`` if it has one, else the family's defaults: RT-DETR and
-D-FINE squash the photo to 640x640 without normalising; Deformable DETR resizes it to short
-side 800 with ImageNet statistics): what the checkpoint was trained on, not DETR's transform.
+RT-DETR, RT-DETRv2, D-FINE, DEIMv2, LW-DETR and RF-DETR, all in transformers' code, built from
+the vetted config.json with their backbone never downloaded (transformers' own backbones, or a
+timm ResNet with ``pretrained=False``), weights from safetensors or
+``torch.load(weights_only=True)``, every key checked, never remote code. The photo goes
+through the family's own image processor (the folder's ``preprocessor_config.json`` if it has
+one, else the family's defaults: RT-DETR and D-FINE squash the photo to 640x640 without
+normalising; Deformable DETR resizes it to short side 800 with ImageNet statistics): what the
+checkpoint was trained on, not DETR's transform.
 
 Maps on one grid. A deformable model reads several feature levels (strides 8 to 64, or one
 ViT level); the page draws maps on one grid, the finest level's over the photo. A level's map
@@ -82,6 +83,8 @@ DEFORMABLE = {
                          "decoder_attention_heads", dense_encoder=True),
     "d_fine": Family("DFineForObjectDetection", "RTDetrImageProcessor",
                      "decoder_attention_heads", dense_encoder=True),
+    "deimv2": Family("Deimv2ForObjectDetection", "RTDetrImageProcessor",
+                     "decoder_attention_heads", dense_encoder=True),
     "lw_detr": Family("LwDetrForObjectDetection", "DeformableDetrImageProcessor",
                       "decoder_cross_attention_heads"),
     "rf_detr": Family("RfDetrForObjectDetection", "RfDetrImageProcessor",
@@ -89,7 +92,7 @@ DEFORMABLE = {
 }
 # backbone_config model types transformers builds itself, offline -> how the page names them
 _OWN_BACKBONES = {"resnet": "ResNet", "rt_detr_resnet": "ResNet", "hgnet_v2": "HGNetV2",
-                  "lw_detr_vit": "ViT", "rf_detr_dinov2": "DINOv2"}
+                  "lw_detr_vit": "ViT", "rf_detr_dinov2": "DINOv2", "dinov3_vit": "DINOv3"}
 _RESNET_DEPTHS = {("basic", (2, 2, 2, 2)): "R18", ("basic", (3, 4, 6, 3)): "R34",
                   ("bottleneck", (3, 4, 6, 3)): "R50", ("bottleneck", (3, 4, 23, 3)): "R101"}
 _PROCESSORS = {f.processor for f in DEFORMABLE.values()}
@@ -190,7 +193,7 @@ def describe_deformable(path: str | os.PathLike[str], *, labels: Labels | None =
         default_labels(len(found)) if placeholder else found)
     if family.deformable_encoder:
         encoder = config.get("encoder_layers", 6)
-    elif family.dense_encoder:
+    elif family.dense_encoder and config.get("encoder_type", "hybrid") == "hybrid":
         encoder = config.get("encoder_layers", 1) * len(config.get("encode_proj_layers", [2]))
     else:
         encoder = 0

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from detr_viz.analysis import Detection
-from detr_viz.display import DisplayImage
+from detr_viz.display import DisplayImage, display_image
 from detr_viz.figures import (
     NO_DETECTIONS,
     PALETTE,
@@ -105,39 +106,43 @@ def anchors_figure(
 
 def _dot_sizes(weights: np.ndarray, largest: float) -> np.ndarray:
     """Marker diameters in pixels: area proportional to weight, 3 px for a weight of 0 up to
-    22 px for the largest weight in the figure."""
-    return 3 + 19 * np.sqrt(np.clip(weights, 0, None) / max(largest, 1e-12))
+    15 px for the largest weight in the figure."""
+    return 3 + 12 * np.sqrt(np.clip(weights, 0, None) / max(largest, 1e-12))
 
 
 @_public
 def sampling_figure(
-    display: DisplayImage, detections: Sequence[Detection], points: Sequence[SamplingPoints],
+    photo: Image.Image, detections: Sequence[Detection], points: Sequence[SamplingPoints],
     *, color_by: str = "head", head: int | None = None, level: int | None = None,
-    height: int = 420, title: str | None = None, titles: Sequence[str] | None = None,
+    zoom: bool = True, side: int = 360, quality: int = 80, height: int | None = None,
+    title: str | None = None, titles: Sequence[str] | None = None,
 ) -> dict:
     """One panel per detection: the photo, the detection's box (solid), the reference its
     layer started from (dashed white box, or a white cross for a point), and every sampling
     point of that layer (``points[i]``, photo pixels) as a dot whose area is its weight,
     coloured by head or by level (``color_by``); ``head``, ``level``: that head's or level's
-    points only (None: all). Hover
-    gives head, level (stride), point, weight and position. Points outside the photo are
-    outside the panel (the caption should say how many). ``titles``: one per panel (default:
-    query, class and layer)."""
+    points only (None: all). Hover gives head, level (stride), point, weight and position.
+
+    ``photo``: the oriented original. With ``zoom`` each panel shows the region of its box,
+    reference and points inside the photo (:func:`zoom_region`), as a JPEG crop at most
+    ``side`` pixels wide (sharp however small the region); else the whole photo. Points
+    outside the panel are not drawn (the caption should say how many fall outside the photo).
+    ``titles``: one per panel (default: query, class and layer)."""
     if color_by not in COLOR_BY:
         raise ValueError(f"color_by must be one of {COLOR_BY}, not {color_by!r}")
     n = len(detections)
     if n == 0:
-        return _blank(NO_DETECTIONS, height)
+        return _blank(NO_DETECTIONS, height or 300)
     largest = max(float(p.weights.max()) for p in points)
     titles = titles or [f"query {d.query} ({d.name}), layer {p.layer + 1}"
                         for d, p in zip(detections, points, strict=True)]
     spec = panels(1, n, titles, min(0.02, 1 / max(n - 1, 1)), 0.05)
     shown_groups: set[int] = set()
+    width, tall = photo.size
     for i, (det, pts) in enumerate(zip(detections, points, strict=True)):
         k = i + 1
-        spec["data"] += [photo_trace(display, k), box_trace(det.box, PALETTE[i % len(PALETTE)],
-                                                            None, k)]
-        spec["data"].append(_reference_trace(pts.reference.numpy(), k))
+        region = zoom_region(pts, det.box, photo.size) if zoom else (0, 0, width, tall)
+        spec["data"].append(_crop_trace(photo, region, side, quality, k))
         xy = pts.locations.numpy()  # (heads, levels, points, 2)
         weights = pts.weights.numpy()
         heads, levels, count = weights.shape
@@ -159,17 +164,61 @@ def sampling_figure(
                 "type": "scatter", "x": at[:, 0], "y": at[:, 1], "mode": "markers",
                 "name": name, "legendgroup": name, "showlegend": group not in shown_groups,
                 "marker": {"size": _dot_sizes(w, largest), "color": PALETTE[group % len(PALETTE)],
-                           "opacity": 0.85, "line": {"color": "white", "width": 0.5}},
+                           "opacity": 0.75, "line": {"color": "white", "width": 0.5}},
                 "hovertemplate": [
                     f"head {a + 1}, level {b} (stride {pts.strides[b]}), point {c + 1}<br>"
                     f"weight {wt:.3f} at ({x:.0f}, {y:.0f})<extra></extra>"
                     for a, b, c, wt, (x, y) in zip(h, lv, p, w, at, strict=True)]}, k))
             shown_groups.add(group)
-        photo_axes(spec, display.original_size, k)
+        spec["data"] += [_reference_trace(pts.reference.numpy(), k),  # over the dots
+                         box_trace(det.box, PALETTE[i % len(PALETTE)], None, k)]
+        photo_axes(spec, photo.size, k)
+        x0, y0, x1, y1 = region
+        spec["layout"][f"xaxis{k if k > 1 else ''}"]["range"] = [x0, x1]
+        spec["layout"][f"yaxis{k if k > 1 else ''}"]["range"] = [y1, y0]
+    # as tall as a panel of the photo's aspect in a column of the page (~1100 px wide)
+    height = height or int(min(360, 1100 / max(n, 2) * tall / width) + 70)
     spec = _style(spec, height, title)
     spec["layout"].update(showlegend=True, legend={"orientation": "h", "y": -0.02,
                                                    "yanchor": "top"})
     return spec
+
+
+def zoom_region(points: SamplingPoints, box, size: tuple[int, int], *, margin: float = 0.2,
+                least: float = 0.2) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) photo pixels around a query's box, its reference and its sampling
+    points inside the photo, widened by ``margin`` of its size on each side, at least
+    ``least`` of the photo's width, of the photo's aspect ratio, inside the photo."""
+    width, height = size
+    xy = points.locations.numpy().reshape(-1, 2)
+    xy = xy[~np.isnan(xy[:, 0])]
+    xy = xy[(xy[:, 0] >= 0) & (xy[:, 0] <= width) & (xy[:, 1] >= 0) & (xy[:, 1] <= height)]
+    ref = points.reference.numpy()
+    if ref.shape[0] == 4:
+        cx, cy, w, h = ref
+        ref = np.array([[cx - w / 2, cy - h / 2], [cx + w / 2, cy + h / 2]])
+    corners = np.clip(np.concatenate([xy, ref.reshape(-1, 2),
+                                      np.reshape(box, (2, 2))]), 0, [width, height])
+    (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0)
+    span_x = max((x1 - x0) * (1 + 2 * margin), (y1 - y0) * (1 + 2 * margin) * width / height,
+                 least * width)
+    span_x = min(span_x, width)
+    span_y = span_x * height / width
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = min(max(cx - span_x / 2, 0), width - span_x)
+    top = min(max(cy - span_y / 2, 0), height - span_y)
+    return float(left), float(top), float(left + span_x), float(top + span_y)
+
+
+def _crop_trace(photo: Image.Image, region, side: int, quality: int, k: int) -> dict:
+    """The ``region`` (x0, y0, x1, y1) of ``photo`` as an image trace in photo pixels."""
+    x0, y0, x1, y1 = region
+    box = (int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1)))
+    shown = display_image(photo.crop(box), side, quality)
+    dx, dy = shown.pixel_size
+    return _on({"type": "image", "source": shown.source, "x0": box[0] + dx / 2,
+                "y0": box[1] + dy / 2, "dx": dx, "dy": dy, "hoverinfo": "skip",
+                "name": "photo"}, k)
 
 
 def _reference_trace(reference: np.ndarray, k: int) -> dict:

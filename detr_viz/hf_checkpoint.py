@@ -49,8 +49,8 @@ _RELEASED = {"num_queries": 100, "d_model": 256, "encoder_layers": 6, "decoder_l
 _REQUIRED = {"activation_function": "relu", "position_embedding_type": "sine", "num_channels": 3}
 SUPPORTED = ('DETR (model_type "detr"), Conditional DETR ("conditional_detr"), DAB-DETR '
              '("dab-detr"), and the deformable Deformable DETR ("deformable_detr"), RT-DETR '
-             '("rt_detr", "rt_detr_v2"), D-FINE ("d_fine"), LW-DETR ("lw_detr") and RF-DETR '
-             '("rf_detr")')
+             '("rt_detr", "rt_detr_v2"), D-FINE ("d_fine"), DEIMv2 ("deimv2"), LW-DETR ("lw_detr") '
+             'and RF-DETR ("rf_detr")')
 _RESNET_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 _RESNET_REQUIRED = {"layer_type": "bottleneck", "embedding_size": 64, "hidden_act": "relu",
                     "hidden_sizes": [256, 512, 1024, 2048], "downsample_in_bottleneck": False,

@@ -1,4 +1,4 @@
-"""Where any deformable DETR samples, exactly, in one forward pass: one capture, six families.
+"""Where any deformable DETR samples, exactly, in one forward pass: one capture, seven families.
 
     cap = capture_sampling(model, pixel_values)          # transformers model, eval mode
     cap.decoder.locations[-1, 3]     # (heads, levels, points, 2): query 3, last decoder layer
@@ -11,7 +11,8 @@ Families (``model.config.model_type``) and how their points are read:
 - ``deformable_detr``, ``rt_detr``, ``lw_detr``, ``rf_detr``: the attention module hands the
   locations and softmax weights to its ``MultiScaleDeformableAttention`` child (``attn``); a
   forward pre-hook on that child copies the very tensors it is given.
-- ``rt_detr_v2``, ``d_fine``: the module calls the function ``multi_scale_deformable_attention_v2``
+- ``rt_detr_v2``, ``d_fine``, ``deimv2``: the module calls the function
+  ``multi_scale_deformable_attention_v2``
   directly, so there is no child to hook. The weights are the module's second output (the very
   tensor); the locations are recomputed in a forward hook from the module's inputs, with the
   module's own ``sampling_offsets`` layer and its own formula in the same order
@@ -36,10 +37,11 @@ them per level by the valid ratios (Deformable DETR, LW-DETR, RF-DETR), 1 where 
 serves every level (RT-DETR, D-FINE). :mod:`detr_viz.sampling` turns all of it into photo pixels.
 
 Deformable encoders (Deformable DETR) record the same per token (S = sum h_l w_l, in sequence
-order). RT-DETR's, RT-DETRv2's and D-FINE's encoders are dense (AIFI, a plain transformer layer
-on one level, ``config.encode_proj_layers``): their softmax is recomputed in a pre-hook from the
-query and key projections the module is about to make, as :mod:`detr_viz.hf_capture` does,
-``dense_encoder[i]`` (heads, S_l, S_l) for AIFI layer i. LW-DETR and RF-DETR have no encoder.
+order). RT-DETR's, RT-DETRv2's, D-FINE's and DEIMv2's (hybrid) encoders are dense (AIFI, a
+plain transformer layer on one level, ``config.encode_proj_layers``): their softmax is
+recomputed in a pre-hook from the query and key projections the module is about to make, as
+:mod:`detr_viz.hf_capture` does, ``dense_encoder[i]`` (heads, S_l, S_l) for AIFI layer i.
+LW-DETR, RF-DETR and DEIMv2's lite encoder have no transformer encoder.
 
 Hooks return None (the forward is untouched: predictions are bit for bit those of a plain run),
 exist only during :func:`capture_sampling`, are removed on any exit, and record only the calling
@@ -62,7 +64,8 @@ from detr_viz.errors import ArgumentError
 # model_type -> (attribute of a decoder layer holding its deformable attention, how points are read)
 FAMILIES = {"deformable_detr": ("encoder_attn", "child"), "rt_detr": ("encoder_attn", "child"),
             "lw_detr": ("cross_attn", "child"), "rf_detr": ("cross_attn", "child"),
-            "rt_detr_v2": ("encoder_attn", "recompute"), "d_fine": ("encoder_attn", "recompute")}
+            "rt_detr_v2": ("encoder_attn", "recompute"), "d_fine": ("encoder_attn", "recompute"),
+            "deimv2": ("encoder_attn", "recompute")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +122,7 @@ class _Store:
 
 def capture_sampling(model: nn.Module, pixel_values: Tensor, pixel_mask: Tensor | None = None,
                      *, encoder: bool = False) -> SamplingCapture:
-    """Run a transformers Deformable DETR, RT-DETR, RT-DETRv2, D-FINE, LW-DETR or RF-DETR
+    """Run a transformers Deformable DETR, RT-DETR, RT-DETRv2, D-FINE, DEIMv2, LW-DETR or RF-DETR
     ``...ForObjectDetection`` once on ``pixel_values`` (1, 3, H, W) as its image processor
     makes them, in the model's dtype and device; ``pixel_mask`` (1, H, W), 1 on real pixels
     (None: no padding). ``encoder=True`` also records a deformable encoder's points (memory
@@ -182,9 +185,10 @@ def _modules(model: nn.Module, family: str) -> tuple[list[nn.Module], list[nn.Mo
 
 
 def _dense_modules(model: nn.Module, family: str) -> list[nn.Module]:
-    if family not in ("rt_detr", "rt_detr_v2", "d_fine"):
+    if family not in ("rt_detr", "rt_detr_v2", "d_fine", "deimv2"):
         return []
-    return [layer.self_attn for aifi in model.model.encoder.aifi for layer in aifi.layers]
+    aifis = getattr(model.model.encoder, "aifi", ())  # DEIMv2's lite encoder has none
+    return [layer.self_attn for aifi in aifis for layer in aifi.layers]
 
 
 def _copy(x: Tensor) -> Tensor:
@@ -204,7 +208,7 @@ def _padded(x: Tensor, counts: list[int], fill: float) -> Tensor:
 
 
 def _recomputed_locations(module: nn.Module, bound: dict) -> Tensor:
-    """RT-DETRv2's and D-FINE's sampling locations (B, N, heads, sum points, 2), as their
+    """RT-DETRv2's, D-FINE's and DEIMv2's sampling locations (B, N, heads, sum points, 2), as their
     forward computes them from the same inputs (box references only: their decoders give
     nothing else)."""
     hidden, reference = bound["hidden_states"], bound["reference_points"]

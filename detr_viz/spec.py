@@ -17,10 +17,10 @@ from detr_viz.errors import ArgumentError
 
 FAMILIES = {"detr": "DETR", "conditional_detr": "Conditional DETR", "dab_detr": "DAB-DETR",
             "deformable_detr": "Deformable DETR", "rt_detr": "RT-DETR", "rt_detr_v2": "RT-DETRv2",
-            "d_fine": "D-FINE", "lw_detr": "LW-DETR", "rf_detr": "RF-DETR"}
+            "d_fine": "D-FINE", "deimv2": "DEIMv2", "lw_detr": "LW-DETR", "rf_detr": "RF-DETR"}
 # deformable families: sampling points instead of dense attention (detr_viz.deformable)
-SAMPLING_FAMILIES = frozenset({"deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "lw_detr",
-                               "rf_detr"})
+SAMPLING_FAMILIES = frozenset({"deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2",
+                               "lw_detr", "rf_detr"})
 BACKBONES = {"resnet50": "R50", "resnet101": "R101"}
 OFFICIAL_SHORT = {"detr_resnet50": "R50", "detr_resnet50_dc5": "R50-DC5",
                   "detr_resnet101": "R101", "detr_resnet101_dc5": "R101-DC5"}

@@ -24,7 +24,8 @@ from detr_viz.sampling_capture import FAMILIES  # noqa: E402
 LABELS = {0: "cat", 1: "dog"}
 # family -> (H, W) of the test image: a few cells per level on every backbone
 SIZES = {"deformable_detr": (96, 128), "rt_detr": (64, 96), "rt_detr_v2": (64, 96),
-         "rt_detr_v2_discrete": (64, 96), "d_fine": (64, 96), "lw_detr": (64, 96),
+         "rt_detr_v2_discrete": (64, 96), "d_fine": (64, 96), "deimv2": (64, 96),
+         "lw_detr": (64, 96),
          "rf_detr": (56, 84)}
 
 
@@ -65,6 +66,15 @@ def tiny_config(family: str, **extra):
         common = _rt_common(lqe_hidden_dim=8, max_num_bins=8)
         common.update(encoder_in_channels=[32, 48, 64], decoder_n_points=[3, 2, 4])
         return tf.DFineConfig(backbone_config=backbone, **common)
+    if family == "deimv2":  # D-FINE's decoder with gateways, HGNetV2 and AIFI as D-FINE's
+        backbone = tf.HGNetV2Config(
+            stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 48],
+            stage_mid_channels=[8, 8, 16, 16], stage_out_channels=[16, 32, 48, 64],
+            stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1],
+            hidden_sizes=[16, 32, 48, 64], out_features=["stage2", "stage3", "stage4"])
+        common = _rt_common(lqe_hidden_dim=8, max_num_bins=8)
+        common.update(encoder_in_channels=[32, 48, 64], decoder_n_points=[3, 2, 4])
+        return tf.Deimv2Config(backbone_config=backbone, **common)
     decoder = dict(d_model=16, decoder_ffn_dim=32, decoder_n_points=3, decoder_layers=2,
                    decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
                    num_queries=7, group_detr=1, id2label=LABELS)
@@ -85,7 +95,8 @@ def tiny_config(family: str, **extra):
 CLASSES = {"deformable_detr": "DeformableDetrForObjectDetection",
            "rt_detr": "RTDetrForObjectDetection", "rt_detr_v2": "RTDetrV2ForObjectDetection",
            "rt_detr_v2_discrete": "RTDetrV2ForObjectDetection",
-           "d_fine": "DFineForObjectDetection", "lw_detr": "LwDetrForObjectDetection",
+           "d_fine": "DFineForObjectDetection", "deimv2": "Deimv2ForObjectDetection",
+           "lw_detr": "LwDetrForObjectDetection",
            "rf_detr": "RfDetrForObjectDetection"}
 
 

@@ -31,6 +31,11 @@ def deformable_dir(tmp_path_factory, weights_dir) -> Path:
         (folder / path.name).symlink_to(path)
     for family in FAMILIES:
         tiny_model(family, dtype=torch.float32).save_pretrained(folder / family)
+    remote = folder / "remote-code"  # asks for its own Python code
+    tiny_model("rt_detr", dtype=torch.float32).save_pretrained(remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps(
+        {**config, "auto_map": {"AutoModelForObjectDetection": "mine.Detector"}}))
     return folder
 
 
@@ -148,3 +153,25 @@ def test_lw_detr_without_an_encoder_and_beside_detr(page, deformable_dir):
     assert_clean(page)
     assert any("Side by side: lw_detr and R50" in s.value for s in page.subheader)
     assert "compare-decoder" in charts(page)
+
+
+def test_bad_deformable_checkpoints_say_why_and_the_page_goes_on(page, deformable_dir, tmp_path):
+    page.run()
+    listed = [o for o in page.sidebar.selectbox(key="checkpoint").options
+              if o.startswith("remote-code (")]
+    assert listed and "never runs code" in listed[0]
+    page.sidebar.selectbox(key="checkpoint").set_value(listed[0]).run()
+    assert not page.exception
+    assert any("auto_map" in e.value and "never runs code" in e.value for e in page.error)
+    mismatched = tmp_path / "mismatched"
+    tiny_model("d_fine", dtype=torch.float32).save_pretrained(mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "decoder_ffn_dim": 48}))
+    page.sidebar.selectbox(key="checkpoint").set_value("A checkpoint path...").run()
+    page.sidebar.text_input(key="checkpoint-path").input(str(mismatched)).run()
+    assert not page.exception
+    assert any("does not fit the model its config.json describes" in e.value
+               for e in page.error)
+    pick(page, "rt_detr")  # and the page goes on
+    assert_clean(page)
+    assert "decoder-grid" in charts(page)

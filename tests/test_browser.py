@@ -52,7 +52,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
     """The released stand-ins, a fine-tuned DETR training checkpoint (3 classes, 50 queries,
-    4 + 3 layers of 4 heads) and a small Conditional DETR folder."""
+    4 + 3 layers of 4 heads), a small Conditional DETR folder and a tiny RT-DETR."""
     import argparse
 
     import torch
@@ -77,6 +77,9 @@ def weights_dir(tmp_path_factory) -> Path:
         for p in conditional.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     conditional.save_pretrained(folder / "conditional-detr")
+    from deformable_models import tiny_model
+
+    tiny_model("rt_detr", dtype=torch.float32).save_pretrained(folder / "rt-detr")
     return folder
 
 
@@ -329,4 +332,35 @@ def test_a_finetuned_detr_and_a_conditional_detr_picked_and_read_back(page, anal
         time.sleep(1)
         page.screenshot(path=str(SHOTS / f"browser-{path.split('.')[0]}.png"), full_page=True)
     assert page.get_by_text("content and spatial attention").count()
+    assert not page.get_by_text("Traceback").count()
+
+
+SAMPLING_DOTS = """() => {
+  const fig = [...document.querySelectorAll('.js-plotly-plot')].find(p =>
+      (p.layout.annotations || []).some(a => / layer \\d+$/.test(a.text || '')));
+  const first = fig.data.filter(t => t.legendgroup && (t.xaxis || 'x') === 'x');
+  const values = v => Array.from(v._inputArray || v);
+  return first.map(t => [t.name, values(t.x), values(t.y)]);
+}"""
+
+
+def test_rt_detr_sampling_points_are_drawn_where_the_library_puts_them(page, analysis,
+                                                                       weights_dir):
+    image, _, _ = analysis
+    pick_checkpoint(page, "rt-detr (RT-DETR")
+    mine = analyze(load_model(checkpoint=weights_dir / "rt-detr"), io.BytesIO(image.read_bytes()))
+    queries = [d.query for d in mine.detections(0.0)][:4]
+    wait_for_maps(page, mine.decoder_attentions(queries))
+    section = page.get_by_text("sampling points, reference boxes through the layers")
+    section.scroll_into_view_if_needed()
+    settled(page)
+    dots = page.evaluate(SAMPLING_DOTS)
+    points = mine.sampling_points(queries[0]).locations.numpy()  # (heads, levels, points, 2)
+    assert [name for name, _, _ in dots] == [f"head {h + 1}" for h in range(points.shape[0])]
+    for head, (_, xs, ys) in enumerate(dots):
+        want = points[head].reshape(-1, 2)
+        np.testing.assert_allclose(np.c_[xs, ys], want, rtol=1e-5)
+    time.sleep(1)
+    page.screenshot(path=str(SHOTS / "browser-rt-detr.png"), full_page=True)
+    assert page.get_by_text("Reference boxes through the decoder layers").count()
     assert not page.get_by_text("Traceback").count()

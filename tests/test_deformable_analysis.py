@@ -39,18 +39,19 @@ from deformable_models import ModuleCalls, decoder_modules, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "lw_detr", "rf_detr")
+FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr")
 PROCESSORS = {  # small inputs for the tiny models: a few cells per level
     "deformable_detr": tf.DeformableDetrImageProcessor(size={"shortest_edge": 96,
                                                              "longest_edge": 128}),
     "rt_detr": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
     "rt_detr_v2": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
     "d_fine": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
+    "deimv2": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
     "lw_detr": tf.DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
     "rf_detr": tf.RfDetrImageProcessor(size={"shortest_edge": 56, "longest_edge": 84}),
 }
 ENCODER = {"deformable_detr": "deformable", "rt_detr": "dense", "rt_detr_v2": "dense",
-           "d_fine": "dense", "lw_detr": None, "rf_detr": None}
+           "d_fine": "dense", "deimv2": "dense", "lw_detr": None, "rf_detr": None}
 
 
 def save(family: str, folder, **extra):
@@ -88,6 +89,7 @@ def test_load_model_reads_the_family_sizes_and_labels_from_config(folders, famil
     assert describe_checkpoint(folders[family]) == spec
     assert spec.architecture.startswith({"deformable_detr": "Deformable DETR", "rt_detr": "RT-DETR",
                                          "rt_detr_v2": "RT-DETRv2", "d_fine": "D-FINE",
+                                         "deimv2": "DEIMv2",
                                          "lw_detr": "LW-DETR", "rf_detr": "RF-DETR"}[family])
 
 

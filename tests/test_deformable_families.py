@@ -69,12 +69,13 @@ def test_weights_sum_to_one_per_head_and_padding_weighs_nothing(models, family):
         assert (cap.decoder.weights[..., level, n:] == 0).all()
         assert cap.decoder.locations[..., level, n:, :].isnan().all()
         assert not cap.decoder.locations[..., level, :n, :].isnan().any()
-    expected = {"d_fine": (3, 2, 4)}.get(family, (3,) * len(cap.spatial_shapes))
+    expected = {"d_fine": (3, 2, 4), "deimv2": (3, 2, 4)}.get(family,
+                                                             (3,) * len(cap.spatial_shapes))
     assert cap.decoder.points_per_level == expected
     assert cap.decoder.sampler == ("discrete" if family.endswith("discrete") else "bilinear")
 
 
-@pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine"])
+@pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine", "deimv2"])
 def test_dense_encoder_is_transformers_own_attention(models, family):
     """AIFI is plain self-attention on one level: the capture equals what transformers returns
     with output_attentions (eager), float64, to 1e-12."""
@@ -91,27 +92,30 @@ def test_dense_encoder_is_transformers_own_attention(models, family):
                                    rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["rt_detr_v2", "rt_detr_v2_discrete", "d_fine"])
+@pytest.mark.parametrize("family", ["rt_detr_v2", "rt_detr_v2_discrete", "d_fine", "deimv2"])
 def test_recomputed_locations_are_bit_for_bit_what_the_sampler_got(models, family, monkeypatch):
-    """RT-DETRv2 and D-FINE: in float32, the dtype users run, the locations recomputed in the
-    hook are the very numbers the sampling function received (spied on here, not in the
+    """RT-DETRv2, D-FINE and DEIMv2: in float32, the dtype users run, the locations recomputed
+    in the hook are the very numbers the sampling function received (spied on here, not in the
     library), and predictions are those of a plain run."""
-    import transformers.models.d_fine.modeling_d_fine as d_fine
     import transformers.models.rt_detr_v2.modeling_rt_detr_v2 as v2
 
     model = tiny_model(family, dtype=torch.float32)
     seen = []
-    original = v2.multi_scale_deformable_attention_v2
 
-    def spy(value, shapes, locations, *rest):
-        seen.append(locations[0].detach().clone())
-        return original(value, shapes, locations, *rest)
+    def spying(original):
+        def spy(value, shapes, locations, *rest):
+            seen.append(locations[0].detach().clone())
+            return original(value, shapes, locations, *rest)
 
-    if family == "d_fine":
+        return spy
+
+    if family in ("d_fine", "deimv2"):  # each module holds its sampling function
         for module in decoder_modules(model):
-            monkeypatch.setattr(module, "ms_deformable_attn_core", spy)
+            monkeypatch.setattr(module, "ms_deformable_attn_core",
+                                spying(module.ms_deformable_attn_core))
     else:
-        monkeypatch.setattr(v2, "multi_scale_deformable_attention_v2", spy)
+        monkeypatch.setattr(v2, "multi_scale_deformable_attention_v2",
+                            spying(v2.multi_scale_deformable_attention_v2))
     image = photo(family, 4).float()
     with torch.inference_mode():
         plain = model(pixel_values=image)
@@ -124,7 +128,7 @@ def test_recomputed_locations_are_bit_for_bit_what_the_sampler_got(models, famil
         ours = torch.cat([cap.decoder.locations[layer, :, :, level, :n]
                           for level, n in enumerate(counts)], dim=2)
         assert torch.equal(ours, locations)
-    assert len(seen) == 2 and d_fine is not None
+    assert len(seen) == 2
     assert hooks(model) == before
 
 

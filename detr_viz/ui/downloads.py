@@ -48,7 +48,7 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
         if analysis.sparse:
             points = [analysis.sampling_points(d.query, v.decoder_layer) for d in kept]
             shown.append(("Sampling points", sampling_figure(
-                photo.display, kept, points, head=v.decoder_head, level=v.decoder_level)))
+                photo.image, kept, points, head=v.decoder_head, level=v.decoder_level)))
         if analysis.num_layers:
             shown.append((f"Encoder: {v.method}", figures.encoder_panels(
                 photo.display, analysis.grid, v.points, enc, **style)))

@@ -160,6 +160,6 @@ def token_points(run: Run, photo: Photo, point, layer: int, head: int | None,
                f"in encoder layer {layer + 1}: a dot per head, level and point, its area the "
                "weight; the blue box is the token's own cell, the white cross its reference point.")
     charts.show(memo(key, lambda: sampling_figure.spec(
-        photo.panel, [token], [pts], color_by="level", head=head, height=480,
+        photo.image, [token], [pts], color_by="level", head=head, side=520,
         titles=[f"token {pts.index}: level {chosen}, cell {cell}, layer {layer + 1}"])),
         key="encoder-sampling")

@@ -84,7 +84,7 @@ def sampling_points(run: Run, photo: Photo, kept) -> None:
     queries = tuple(d.query for d in kept)
     key = ("sampling", photo.digest, *run.key, layer, head, level, color_by, queries)
     charts.show(memo(key, lambda: sampling_figure.spec(
-        photo.panel, kept, points, color_by=color_by, head=head, level=level)),
+        photo.image, kept, points, color_by=color_by, head=head, level=level)),
         key="decoder-sampling")
     width, height = analysis.original_size
     total = outside = 0
