@@ -14,8 +14,8 @@ timm ResNet with ``pretrained=False``), weights from safetensors or
 ``torch.load(weights_only=True)``, every key checked, never remote code. The photo goes
 through the family's own image processor (the folder's ``preprocessor_config.json`` if it has
 one, else the family's defaults: RT-DETR and D-FINE squash the photo to 640x640 without
-normalising; Deformable DETR resizes it to short side 800 with ImageNet statistics): what the
-checkpoint was trained on, not DETR's transform.
+normalising, LW-DETR and RF-DETR to 640x640 and 560x560 with ImageNet statistics; Deformable
+DETR resizes it to short side 800): what the checkpoint was trained on, not DETR's transform.
 
 Maps on one grid. A deformable model reads several feature levels (strides 8 to 64, or one
 ViT level); the page draws maps on one grid, the finest level's over the photo. A level's map
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from detr_viz.analysis import INCOMING, OUTGOING, Analysis, Direction, _frozen, check_direction
 from detr_viz.errors import (
     ArgumentError,
+    DetrVizError,
     MissingDependencyError,
     NotADetrCheckpointError,
     UnsafeCheckpointError,
@@ -96,6 +97,9 @@ _OWN_BACKBONES = {"resnet": "ResNet", "rt_detr_resnet": "ResNet", "hgnet_v2": "H
 _RESNET_DEPTHS = {("basic", (2, 2, 2, 2)): "R18", ("basic", (3, 4, 6, 3)): "R34",
                   ("bottleneck", (3, 4, 6, 3)): "R50", ("bottleneck", (3, 4, 23, 3)): "R101"}
 _PROCESSORS = {f.processor for f in DEFORMABLE.values()}
+# without a preprocessor_config.json: the square input the released models were trained at
+# (their image processors' class defaults, 800 x 1333, do not fit the windowed ViT backbones)
+_SQUARE = {"lw_detr": 640, "rf_detr": 560}
 _DROPPED = ("backbone", "use_timm_backbone", "backbone_kwargs", "use_pretrained_backbone")
 
 
@@ -274,6 +278,9 @@ def image_processor(folder: Path, model_type: str):
             raise WrongVariantError(f"{path} asks for image processor {kind!r}; detr-viz feeds "
                                     f"{NAMES[model_type]} with {name}.")
         return getattr(transformers, base).from_pretrained(folder, local_files_only=True)
+    if model_type in _SQUARE:  # windowed ViTs: the released input, not the class default
+        side = _SQUARE[model_type]
+        return getattr(transformers, name)(size={"height": side, "width": side})
     return getattr(transformers, name)()
 
 
@@ -303,8 +310,18 @@ def analyze_deformable(model: DeformableDetector, image: Image.Image, *,
 
     weight = next(model.hf.parameters())
     pixels, mask, frame = model_inputs(model, image)
-    cap = capture_sampling(model.hf, pixels.to(weight.device, weight.dtype),
-                           None if mask is None else mask.to(weight.device), encoder=encoder)
+    try:
+        cap = capture_sampling(model.hf, pixels.to(weight.device, weight.dtype),
+                               None if mask is None else mask.to(weight.device), encoder=encoder)
+    except DetrVizError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # a shape the backbone cannot take
+        w, h = frame.padded_size
+        raise ArgumentError(
+            f"{model.spec.architecture} could not run on its {w}x{h} input ({exc}). The "
+            "image size comes from the checkpoint's preprocessor_config.json; if the folder "
+            "has none, or it is not the one the model was trained with, copy it from the "
+            "checkpoint's repository.") from exc
     strides = level_strides(cap.spatial_shapes, frame.padded_size)
     w_in, h_in = frame.input_size
     grid = FeatureGrid(original_size=frame.photo_size, input_size=frame.input_size,

@@ -299,6 +299,22 @@ def test_without_a_processor_config_the_familys_defaults_apply(tmp_path, photo):
     analysis = analyze(load_model(checkpoint=str(folder)), photo)
     assert analysis.frame.input_size == (640, 640)  # RT-DETR squashes every photo to 640x640
     assert analysis.grid.shape == (80, 80) and analysis.stride == 8
+    vit = save("lw_detr", tmp_path / "vit")  # not the class default (800 x 1333): 640 x 640
+    (vit / "preprocessor_config.json").unlink()
+    assert analyze(load_model(checkpoint=str(vit)), photo).frame.input_size == (640, 640)
+
+
+def test_a_model_that_cannot_take_its_input_says_where_the_size_comes_from(folders, photo,
+                                                                           monkeypatch):
+    model = load_model(checkpoint=str(folders["rf_detr"]))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("shape '[1, 4, 12, 4, 16, 192]' is invalid for input of size 633600")
+
+    monkeypatch.setattr(model.hf.model, "forward", refuse)
+    with raises(ArgumentError, "RF-DETR DINOv2 could not run on its", "is invalid",
+                "preprocessor_config.json"):
+        analyze(model, photo)
 
 
 def test_export_holds_the_sampling_points_and_references(analyses):
