@@ -13,7 +13,8 @@ Sizes: ``tiny``, the tests' models (``tests/deformable_models.py``) on their sma
 ``real``, each family's released configuration size with random weights (timing does not
 depend on them; nothing is downloaded: transformers' own ResNet / HGNetV2 / ViT configs,
 never a timm or hub backbone) at its usual input: Deformable DETR R50 at 800 x 1066, RT-DETR
-and RT-DETRv2 R18 at 640 x 640, D-FINE (transformers' default config, HGNetV2) at 640 x 640,
+and RT-DETRv2 R18 at 640 x 640, D-FINE and DEIMv2 (transformers' default configs, HGNetV2) at
+640 x 640,
 LW-DETR (transformers' default ViT) at 640 x 640, RF-DETR (transformers' default DINOv2) at
 560 x 560. Real sizes take minutes on 2 CPU cores; ``--sizes tiny`` is a smoke run.
 """
@@ -44,9 +45,11 @@ from benchmarks.common import (  # noqa: E402
 )
 from detr_viz.sampling_capture import capture_sampling  # noqa: E402
 
-FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "lw_detr", "rf_detr")
+FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "lw_detr",
+            "rf_detr")
 REAL_INPUT = {"deformable_detr": (800, 1066), "rt_detr": (640, 640), "rt_detr_v2": (640, 640),
-              "d_fine": (640, 640), "lw_detr": (640, 640), "rf_detr": (560, 560)}
+              "d_fine": (640, 640), "deimv2": (640, 640), "lw_detr": (640, 640),
+              "rf_detr": (560, 560)}
 
 
 def real_model(family: str) -> torch.nn.Module:
@@ -64,6 +67,8 @@ def real_model(family: str) -> torch.nn.Module:
         config = tf.RTDetrV2Config(backbone_config=tf.RTDetrResNetConfig(**r18), **r18_detr)
     elif family == "d_fine":
         config = tf.DFineConfig(num_labels=80)
+    elif family == "deimv2":
+        config = tf.Deimv2Config(num_labels=80)
     elif family == "lw_detr":
         config = tf.LwDetrConfig(projector_scale_factors=[1.0], num_labels=80)
     else:
@@ -75,7 +80,8 @@ def real_model(family: str) -> torch.nn.Module:
 
 _CLASSES = {"deformable_detr": "DeformableDetrForObjectDetection",
             "rt_detr": "RTDetrForObjectDetection", "rt_detr_v2": "RTDetrV2ForObjectDetection",
-            "d_fine": "DFineForObjectDetection", "lw_detr": "LwDetrForObjectDetection",
+            "d_fine": "DFineForObjectDetection", "deimv2": "Deimv2ForObjectDetection",
+            "lw_detr": "LwDetrForObjectDetection",
             "rf_detr": "RfDetrForObjectDetection"}
 
 
