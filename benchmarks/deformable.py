@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, whatever happ
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -113,7 +114,29 @@ def analyze_rows(family: str, model, repeats: int, work: Path) -> list[str]:
     times = interleaved(cases, repeats)
     size = detector.processor(images=photo, return_tensors="pt")["pixel_values"].shape
     return [family, f"{size[3]} x {size[2]}", *(fmt_time(times[n].median) for n in cases),
-            f"{paired_ratio(times['analyze'], times['processor + output_attentions']).median:.3f}x"]
+            f"{paired_ratio(times['analyze'], times['processor + output_attentions']).median:.3f}x",
+            *rollout_times(analyze(detector, photo))]
+
+
+def rollout_times(analysis) -> list[str]:
+    """Rollout through the deformable layers: building it (the sparse matrices, R_qq^T C),
+    then four queries' maps, then a click's encoder map (each once, wall time)."""
+    from detr_viz import explain
+
+    start = time.perf_counter()
+    roll = explain.rollout(analysis)
+    built = time.perf_counter() - start
+    queries = [d.query for d in analysis.detections(0.0)[:4]]
+    start = time.perf_counter()
+    roll.decoder_maps(queries)
+    maps = time.perf_counter() - start
+    if roll.layers:
+        start = time.perf_counter()
+        roll.encoder_map((500.0, 400.0))
+        click = fmt_time(time.perf_counter() - start)
+    else:
+        click = "(no encoder)"
+    return [fmt_time(built), fmt_time(maps), click]
 
 
 def measure(family: str, model, size: tuple[int, int], repeats: int) -> list[str]:
@@ -167,7 +190,8 @@ def main() -> None:
         print("\nA photo end to end (1066 x 800 JPEG-sized image, the family's image processor "
               "with its default sizes):\n")
         print(table(["family", "model input (W x H)", "processor + output_attentions=True",
-                     "analyze (capture with encoder)", "analyze / transformers"], whole))
+                     "analyze (capture with encoder)", "analyze / transformers",
+                     "rollout: build", "rollout: 4 queries", "rollout: a click"], whole))
     print(f"\nMedians of {args.repeats} interleaved rounds after 1 warm-up; ratios per round. "
           + share.report())
 

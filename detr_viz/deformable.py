@@ -43,14 +43,13 @@ from detr_viz.analysis import INCOMING, OUTGOING, Analysis, Direction, _frozen, 
 from detr_viz.errors import (
     ArgumentError,
     DetrVizError,
-    MissingDependencyError,
     NotADetrCheckpointError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
     WrongVariantError,
 )
 from detr_viz.geometry import FeatureGrid
-from detr_viz.hf_checkpoint import WEIGHT_FILES, read_json, weights_file
+from detr_viz.hf_checkpoint import WEIGHT_FILES, import_transformers, read_json, weights_file
 from detr_viz.labels import Labels, default_labels, read_labels
 from detr_viz.sampling import (
     InputFrame,
@@ -231,13 +230,7 @@ def load_deformable(path: str | os.PathLike[str], *, labels: Labels | None = Non
     """The deformable checkpoint at ``path`` (a folder, or a file in it) as a
     :class:`DeformableDetector` (CPU, eval mode, no gradients, eager attention)."""
     spec = describe_deformable(path, labels=labels)
-    try:
-        import transformers
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"{spec.architecture} runs in Hugging Face transformers' code, which is not "
-            f"installed here ({exc}). Install detr-viz's requirements: python -m pip install "
-            "-r requirements.txt -c requirements.lock") from exc
+    transformers = import_transformers(spec.architecture)
     from detr_viz.hf_families import check_loading, loading_error
 
     folder = _folder(path)
@@ -312,7 +305,8 @@ def analyze_deformable(model: DeformableDetector, image: Image.Image, *,
     pixels, mask, frame = model_inputs(model, image)
     try:
         cap = capture_sampling(model.hf, pixels.to(weight.device, weight.dtype),
-                               None if mask is None else mask.to(weight.device), encoder=encoder)
+                               None if mask is None else mask.to(weight.device), encoder=encoder,
+                               self_attention=True)
     except DetrVizError:
         raise
     except (RuntimeError, ValueError) as exc:  # a shape the backbone cannot take
@@ -491,6 +485,11 @@ class DeformableAnalysis(Analysis):
         maps = [torch.zeros(s, dtype=torch.float64) for s in self.level_shapes]
         maps[dense] = values.view(h, w)
         return self.on_grid(tuple(maps), dense).astype(np.float32)
+
+    def token_levels(self, values) -> tuple[Tensor, ...]:
+        """A value per encoder token (S,), in sequence order -> one (h_l, w_l) map per level
+        (for :meth:`on_grid`)."""
+        return self._by_level(torch.as_tensor(np.asarray(values, dtype=np.float64)))
 
     def _by_level(self, per_token: Tensor) -> tuple[Tensor, ...]:
         starts = (*self.capture.level_start_index, per_token.shape[0])

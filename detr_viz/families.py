@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from detr_viz.analysis import Analysis, _frozen
 from detr_viz.deformable import DEFORMABLE, describe_deformable, load_deformable
-from detr_viz.errors import MissingDependencyError, WrongVariantError
+from detr_viz.errors import WrongVariantError
 from detr_viz.geometry import FeatureGrid
 from detr_viz.hf_capture import capture_hf
+from detr_viz.hf_checkpoint import import_transformers
 from detr_viz.hf_families import FAMILIES, open_hf_family, read_family_config
 from detr_viz.hf_replay import HFInputs, record_inputs
 from detr_viz.image import ModelInput
@@ -119,15 +120,9 @@ def load_family(path: str | os.PathLike[str], *, labels: Labels | None = None,
         _no_settings(path, heads, dilation)
         return load_deformable(path, labels=labels, dtype=dtype)
     spec = describe_family(path, labels=labels, heads=heads, dilation=dilation)
-    try:
-        import transformers  # noqa: F401  (what load_hf_family imports, checked here)
+    import_transformers(spec.architecture)  # what load_hf_family imports, checked here
+    from detr_viz.hf_families import load_hf_family
 
-        from detr_viz.hf_families import load_hf_family
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"{spec.architecture} runs in Hugging Face transformers' code, which is not "
-            f"installed here ({exc}). Install detr-viz's requirements: python -m pip install "
-            "-r requirements.txt -c requirements.lock") from exc
     return HFDetector(load_hf_family(path, dtype=dtype), spec).eval().requires_grad_(False)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from detr_viz.errors import (
     CorruptCheckpointError,
+    MissingDependencyError,
     NotADetrCheckpointError,
     WeightsUnavailableError,
     WrongVariantError,
@@ -309,3 +310,16 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def import_transformers(architecture: str):
+    """The ``transformers`` module, or a MissingDependencyError saying how to install it (the
+    families run in its code; DETR never needs it)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{architecture} runs in Hugging Face transformers' code, which is not "
+            f"installed here ({exc}). Install detr-viz's requirements: python -m pip install "
+            "-r requirements.txt -c requirements.lock") from exc
+    return transformers

@@ -163,11 +163,13 @@ METHOD: dict[str, Method] = {m.name: m for m in (
             s.analysis.encoder_attention(p, layer, head, d) for p in points], sparse=True),
     Method(
         ROLLOUT, "Attention rollout (Abnar & Zuidema 2020): every layer's head-averaged "
-                 "attention, residual added, multiplied through the layers.",
+                 "attention, residual added, multiplied through the layers (deformable "
+                 "models: their sampling matrices, the weights their points put on each "
+                 "token).",
         per_layer=False, explains_class=False, replays=False,
         decoder=lambda s, q, layer, head: s.rollout().decoder_maps(q),
         encoder=lambda s, points, layer, head, d, target: [
-            s.rollout().encoder_map(p, d) for p in points]),
+            s.rollout().encoder_map(p, d) for p in points], sparse=True),
     Method(
         RELEVANCE, "Relevance (Chefer et al. 2021): attention weighted by the gradient of the "
                    "detection's class score, propagated through encoder and decoder.",

@@ -97,7 +97,8 @@ class SamplingCapture:
     where level l starts in the flattened token sequence (each level row-major).
     ``decoder``, ``encoder`` (a deformable encoder's, when asked for). ``dense_encoder``: per
     AIFI layer (heads, S_l, S_l) softmax, rows the querying tokens of level ``dense_level``
-    (row-major), or None."""
+    (row-major), or None. ``decoder_self``: per decoder layer, its self-attention softmax
+    (heads, Q, Q), when asked for (``self_attention=True``)."""
 
     family: str
     logits: Tensor
@@ -110,6 +111,7 @@ class SamplingCapture:
     encoder: SamplingStack | None = None
     dense_encoder: tuple[Tensor, ...] | None = None
     dense_level: int | None = None
+    decoder_self: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -117,16 +119,19 @@ class _Store:
     stacks: dict[str, dict[int, list]] = field(default_factory=lambda: {"decoder": {},
                                                                       "encoder": {}})
     dense: dict[int, Tensor] = field(default_factory=dict)
+    decoder_self: dict[int, Tensor] = field(default_factory=dict)
     shapes: tuple[tuple[int, int], ...] = ()
 
 
 def capture_sampling(model: nn.Module, pixel_values: Tensor, pixel_mask: Tensor | None = None,
-                     *, encoder: bool = False) -> SamplingCapture:
+                     *, encoder: bool = False, self_attention: bool = False) -> SamplingCapture:
     """Run a transformers Deformable DETR, RT-DETR, RT-DETRv2, D-FINE, DEIMv2, LW-DETR or RF-DETR
     ``...ForObjectDetection`` once on ``pixel_values`` (1, 3, H, W) as its image processor
     makes them, in the model's dtype and device; ``pixel_mask`` (1, H, W), 1 on real pixels
     (None: no padding). ``encoder=True`` also records a deformable encoder's points (memory
-    grows as S x heads x levels x points) and a dense encoder's softmax. Returns a
+    grows as S x heads x levels x points) and a dense encoder's softmax; ``self_attention``
+    the decoder's self-attention softmax per layer (as for AIFI: recomputed in a pre-hook from
+    the projections the module is about to make; what rollout needs). Returns a
     :class:`SamplingCapture` of detached CPU tensors in the model's dtype."""
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in FAMILIES:
@@ -137,7 +142,7 @@ def capture_sampling(model: nn.Module, pixel_values: Tensor, pixel_mask: Tensor 
                             f"{tuple(pixel_values.shape)}.")
     store = _Store()
     extra = {} if pixel_mask is None else {"pixel_mask": pixel_mask}
-    with _hooked(model, family, store, encoder), torch.inference_mode():
+    with _hooked(model, family, store, encoder, self_attention), torch.inference_mode():
         out = model(pixel_values=pixel_values, **extra)
     logits = out.logits[0].detach().cpu()
     decoder, deformable_encoder = _modules(model, family)
@@ -152,6 +157,8 @@ def capture_sampling(model: nn.Module, pixel_values: Tensor, pixel_mask: Tensor 
                  if store.stacks["encoder"] else None),
         dense_encoder=tuple(store.dense[i] for i in sorted(store.dense)) if store.dense else None,
         dense_level=_dense_level(model) if store.dense else None,
+        decoder_self=(tuple(store.decoder_self[i] for i in sorted(store.decoder_self))
+                      if store.decoder_self else None),
     )
 
 
@@ -226,7 +233,8 @@ def _recomputed_locations(module: nn.Module, bound: dict) -> Tensor:
 
 
 @contextmanager
-def _hooked(model: nn.Module, family: str, store: _Store, encoder: bool) -> Iterator[None]:
+def _hooked(model: nn.Module, family: str, store: _Store, encoder: bool,
+            self_attention: bool = False) -> Iterator[None]:
     owner = threading.get_ident()
     decoder, deformable_encoder = _modules(model, family)
     targets = [("decoder", i, m) for i, m in enumerate(decoder)]
@@ -238,7 +246,12 @@ def _hooked(model: nn.Module, family: str, store: _Store, encoder: bool) -> Iter
             handles += _hook_deformable(module, FAMILIES[family][1], store, part, index, owner)
         for index, module in enumerate(_dense_modules(model, family) if encoder else []):
             handles.append(module.register_forward_pre_hook(
-                _dense_hook(store, index, owner), with_kwargs=True))
+                _dense_hook(store.dense, index, owner), with_kwargs=True))
+        selves = [layer.self_attn for layer in model.model.decoder.layers] if self_attention \
+            else []
+        for index, module in enumerate(selves):
+            handles.append(module.register_forward_pre_hook(
+                _dense_hook(store.decoder_self, index, owner), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -284,9 +297,10 @@ def _hook_deformable(module, how, store, part, index, owner) -> list:
             module.register_forward_hook(module_out, with_kwargs=True)]
 
 
-def _dense_hook(store: _Store, index: int, owner: int):
-    """A pre-hook recording an AIFI self-attention's softmax (heads, S, S), as the eager
-    attention computes it from the same projections."""
+def _dense_hook(target: dict[int, Tensor], index: int, owner: int):
+    """A pre-hook recording a plain self-attention's softmax (heads, L, L) into
+    ``target[index]`` (AIFI, a decoder's self-attention), as the eager attention computes it
+    from the same projections (position embeddings added to queries and keys)."""
 
     signature = None
 
@@ -304,6 +318,6 @@ def _dense_hook(store: _Store, index: int, owner: int):
         logits = torch.matmul(query, key.transpose(2, 3)) * module.scaling
         if bound.get("attention_mask") is not None:
             logits = logits + bound["attention_mask"]
-        store.dense[index] = _copy(logits.softmax(dim=-1))
+        target[index] = _copy(logits.softmax(dim=-1))
 
     return hook

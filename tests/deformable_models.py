@@ -57,7 +57,7 @@ def tiny_config(family: str, **extra):
         method = "discrete" if family.endswith("discrete") else "default"
         return tf.RTDetrV2Config(backbone_config=_resnet(tf.RTDetrResNetConfig),
                                  **_rt_common(decoder_method=method))
-    if family == "d_fine":
+    if family in ("d_fine", "deimv2"):  # DEIMv2: D-FINE's decoder with gateways
         backbone = tf.HGNetV2Config(
             stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 48],
             stage_mid_channels=[8, 8, 16, 16], stage_out_channels=[16, 32, 48, 64],
@@ -65,16 +65,8 @@ def tiny_config(family: str, **extra):
             hidden_sizes=[16, 32, 48, 64], out_features=["stage2", "stage3", "stage4"])
         common = _rt_common(lqe_hidden_dim=8, max_num_bins=8)
         common.update(encoder_in_channels=[32, 48, 64], decoder_n_points=[3, 2, 4])
-        return tf.DFineConfig(backbone_config=backbone, **common)
-    if family == "deimv2":  # D-FINE's decoder with gateways, HGNetV2 and AIFI as D-FINE's
-        backbone = tf.HGNetV2Config(
-            stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 48],
-            stage_mid_channels=[8, 8, 16, 16], stage_out_channels=[16, 32, 48, 64],
-            stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1],
-            hidden_sizes=[16, 32, 48, 64], out_features=["stage2", "stage3", "stage4"])
-        common = _rt_common(lqe_hidden_dim=8, max_num_bins=8)
-        common.update(encoder_in_channels=[32, 48, 64], decoder_n_points=[3, 2, 4])
-        return tf.Deimv2Config(backbone_config=backbone, **common)
+        config = tf.DFineConfig if family == "d_fine" else tf.Deimv2Config
+        return config(backbone_config=backbone, **common)
     decoder = dict(d_model=16, decoder_ffn_dim=32, decoder_n_points=3, decoder_layers=2,
                    decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
                    num_queries=7, group_detr=1, id2label=LABELS)
@@ -181,3 +173,15 @@ def recompute(module, bound, locations, weights, shapes, counts, sampler) -> tor
         start += h * w
     out = out.reshape(count, -1)
     return module.output_proj(out) if hasattr(module, "output_proj") else out
+
+
+def small_processor(family: str):
+    """The family's image processor at a size with a few cells per level for the tiny models
+    (saved beside them, as a checkpoint's preprocessor_config.json)."""
+    if family in ("deformable_detr", "lw_detr"):
+        short, long = (96, 128) if family == "deformable_detr" else (64, 96)
+        return tf.DeformableDetrImageProcessor(size={"shortest_edge": short,
+                                                     "longest_edge": long})
+    if family == "rf_detr":
+        return tf.RfDetrImageProcessor(size={"shortest_edge": 56, "longest_edge": 84})
+    return tf.RTDetrImageProcessor(size={"height": 64, "width": 96})

@@ -103,12 +103,15 @@ def test_rt_detr_sampling_points_maps_references_and_its_dense_encoder(page, def
     point = display_to_original(333, 222, (360, 240), (600, 400))
     np.testing.assert_allclose(array(charts(page)["encoder-map"]["data"][0]["z"]),
                                a.encoder_attention(point), rtol=1e-5, atol=1e-7)
-    for method in (explain.ROLLOUT, explain.RELEVANCE):  # say why, draw nothing else
-        page.radio(key="method").set_value(method).run()
-        assert_clean(page)
-        assert any(f"{method.capitalize()} is not defined for RT-DETR" in i.value
-                   for i in page.info)
-        assert "decoder-grid" not in charts(page)
+    page.radio(key="method").set_value(explain.ROLLOUT).run()  # through the sparse layers
+    assert_clean(page)
+    page.selectbox(key="dec-level").set_value("all levels").run()
+    np.testing.assert_allclose(heat(page), explain.rollout(a).decoder_maps([best.query])[0],
+                               rtol=1e-5, atol=1e-7)
+    page.radio(key="method").set_value(explain.RELEVANCE).run()  # says why, draws nothing
+    assert_clean(page)
+    assert any("Relevance is not defined for RT-DETR" in i.value for i in page.info)
+    assert "decoder-grid" not in charts(page)
 
 
 def test_deformable_detr_encoder_tokens_on_each_level(page, deformable_dir):

@@ -16,7 +16,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 from PIL import Image
 
 from detr_viz import analyze, load_model
@@ -35,21 +34,11 @@ from detr_viz.sampling import splat
 from detr_viz.weights import describe_checkpoint
 
 from conftest import raises
-from deformable_models import ModuleCalls, decoder_modules, tiny_model
+from deformable_models import ModuleCalls, decoder_modules, small_processor, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr")
-PROCESSORS = {  # small inputs for the tiny models: a few cells per level
-    "deformable_detr": tf.DeformableDetrImageProcessor(size={"shortest_edge": 96,
-                                                             "longest_edge": 128}),
-    "rt_detr": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
-    "rt_detr_v2": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
-    "d_fine": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
-    "deimv2": tf.RTDetrImageProcessor(size={"height": 64, "width": 96}),
-    "lw_detr": tf.DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
-    "rf_detr": tf.RfDetrImageProcessor(size={"shortest_edge": 56, "longest_edge": 84}),
-}
 ENCODER = {"deformable_detr": "deformable", "rt_detr": "dense", "rt_detr_v2": "dense",
            "d_fine": "dense", "deimv2": "dense", "lw_detr": None, "rf_detr": None}
 
@@ -57,7 +46,7 @@ ENCODER = {"deformable_detr": "deformable", "rt_detr": "dense", "rt_detr_v2": "d
 def save(family: str, folder, **extra):
     model = tiny_model(family, dtype=torch.float32, **extra)
     model.save_pretrained(folder)
-    PROCESSORS[family].save_pretrained(folder)
+    small_processor(family).save_pretrained(folder)
     return folder
 
 
@@ -98,8 +87,8 @@ def test_predictions_are_transformers_own_on_its_processors_pixels(analyses, fol
                                                                     family):
     model, analysis = analyses[family]
     assert isinstance(analysis, DeformableAnalysis)
-    inputs = type(PROCESSORS[family]).from_pretrained(folders[family])(images=photo,
-                                                                       return_tensors="pt")
+    inputs = type(small_processor(family)).from_pretrained(folders[family])(
+        images=photo, return_tensors="pt")
     pixels = inputs["pixel_values"].double()
     with torch.no_grad():
         out = model.hf(pixel_values=pixels)
@@ -225,12 +214,11 @@ def test_anchor_boxes_are_the_references_each_decoder_layer_was_given(folders, p
 
 def test_methods_that_need_dense_matrices_say_why(analyses):
     _, a = analyses["rt_detr"]
-    assert METHOD[RAW].unavailable(a) is None
-    for name in (ROLLOUT, RELEVANCE):
-        why = METHOD[name].unavailable(a)
-        assert "not defined for RT-DETR" in why and "Raw attention" in why
-        with raises(ArgumentError, "deformable attention"):
-            decoder_maps(Explainer(None, a), name, [0])
+    assert METHOD[RAW].unavailable(a) is None and METHOD[ROLLOUT].unavailable(a) is None
+    why = METHOD[RELEVANCE].unavailable(a)
+    assert "not defined for RT-DETR" in why and "Raw attention" in why
+    with raises(ArgumentError, "deformable attention"):
+        decoder_maps(Explainer(None, a), RELEVANCE, [0])
     assert "multi-level tokens" in replay_unavailable(a, "Faithfulness deletes tokens")
     assert "its own DETR's layers only" in redraw_unavailable(a, "The sanity check")
 

@@ -55,8 +55,7 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
         return
 
     def build():
-        maps = (decoder_maps(photo, run, method, queries, layer, head) if level is None
-                else run.analysis.decoder_attentions(queries, layer, head, level=level))
+        maps = decoder_maps(photo, run, method, queries, layer, head, level)
         width, height = run.analysis.original_size  # rows as tall as a column's photo + title
         row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
         return maps, figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,

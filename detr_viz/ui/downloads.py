@@ -24,11 +24,8 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
         v = view()
         kept = analysis.detections(v.threshold)
         queries = [d.query for d in kept]
-        if v.decoder_level is not None:  # a deformable model's one level (raw attention)
-            dec = analysis.decoder_attentions(queries, v.decoder_layer, v.decoder_head,
-                                              level=v.decoder_level)
-        else:
-            dec = decoder_maps(photo, run, v.method, queries, v.decoder_layer, v.decoder_head)
+        dec = decoder_maps(photo, run, v.method, queries, v.decoder_layer, v.decoder_head,
+                           v.decoder_level)
         enc = [] if analysis.num_layers == 0 else encoder_maps(
             photo, run, v.method, v.points, v.encoder_layer, v.encoder_head, v.direction,
             v.target)

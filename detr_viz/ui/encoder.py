@@ -109,11 +109,8 @@ def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     def one(point):  # a new click computes only its own map
         key = ("encoder map", photo.digest, *run.key, method, layer, head, direction, target,
                level, point)
-        if level is not None:  # a deformable encoder's token on that level (raw attention)
-            return memo(key, lambda: analysis.encoder_attention(point, layer, head, direction,
-                                                                level=level))
         return memo(key, lambda: encoder_maps(photo, run, method, [point], layer, head,
-                                              direction, target)[0])
+                                              direction, target, level)[0])
 
     def build():
         maps = [one(p) for p in points]
