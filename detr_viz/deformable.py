@@ -391,9 +391,15 @@ class DeformableAnalysis(Analysis):
 
     def token_at(self, point: tuple[float, float], level: int = 0) -> int:
         """The encoder token of level ``level`` whose cell holds ``point`` (photo pixels)."""
-        grid = self.level_grid(level)
-        row, col = grid.cell_at(*point)
+        row, col = self._cell_on(level, point)
         return self.capture.level_start_index[level] + row * self.level_shapes[level][1] + col
+
+    def _cell_on(self, level: int, point: tuple[float, float]) -> tuple[int, int]:
+        """(row, col) of ``point``'s cell on level ``level``'s captured map (a ViT level that
+        stops short of the input's edge gives its last cell there)."""
+        row, col = self.level_grid(level).cell_at(*point)
+        h, w = self.level_shapes[level]
+        return min(row, h - 1), min(col, w - 1)
 
     def encoder_points(self, point: tuple[float, float], level: int = 0, layer: int = -1
                        ) -> SamplingPoints:
@@ -412,7 +418,8 @@ class DeformableAnalysis(Analysis):
         return f"{name} has no transformer encoder: its decoder reads the backbone's features."
 
     def level_grid(self, level: int) -> FeatureGrid:
-        """Level ``level``'s cells over the photo (its whole grid, padding cells too)."""
+        """Level ``level``'s cells over the photo: the cells over the resized photo (none of
+        the padding's)."""
         if not 0 <= level < self.num_levels:
             raise ArgumentError(f"level {level} is out of range (0..{self.num_levels - 1}).")
         w_in, h_in = self.frame.input_size
@@ -463,7 +470,7 @@ class DeformableAnalysis(Analysis):
             token = self.token_at(point, level)
             return self.on_grid(splat(stack, self.level_shapes, token, layer, head),
                                 None).astype(np.float32)
-        row, col = self.level_grid(level).cell_at(*point)
+        row, col = self._cell_on(level, point)
         per_token = _weight_on_cell(self._cached, stack, layer, head, level, (row, col),
                                     self.level_shapes)
         return self.on_grid(self._by_level(per_token), None).astype(np.float32)
@@ -478,7 +485,7 @@ class DeformableAnalysis(Analysis):
         attention = cap.dense_encoder[layer].double()  # (heads, S, S)
         attention = attention.mean(0) if head is None else attention[
             self._checked("head", head, attention.shape[0])]
-        row, col = self.level_grid(dense).cell_at(*point)
+        row, col = self._cell_on(dense, point)
         h, w = self.level_shapes[dense]
         cell = row * w + col
         values = attention[:, cell] if direction == INCOMING else attention[cell]
