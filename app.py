@@ -67,10 +67,13 @@ def view_now(controls: Controls, points: list[tuple[float, float]], run: Run) ->
     """What the page shows at this moment (the fragments' controls live in session state)."""
     state = st.session_state
     (dl, dh), (el, eh) = layers.current("dec"), layers.current("enc")
-    level = layers.current_level("dec", run.analysis) if run.analysis.sparse else None
+    a = run.analysis
+    level = layers.current_level("dec", a) if a.sparse else None
+    token = layers.current_level("enc", a) if a.sparse and a.encoder_kind == "deformable" \
+        else None  # the encoder's level control exists for deformable encoders only
     return export.View(controls.threshold, controls.method, dl, dh, el, eh,
                        DIRECTIONS[state.get("enc-direction", next(iter(DIRECTIONS)))],
-                       tuple(points), state.get("enc-target"), level)
+                       tuple(points), state.get("enc-target"), level, token)
 
 
 def main() -> None:

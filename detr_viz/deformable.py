@@ -50,7 +50,7 @@ from detr_viz.errors import (
 )
 from detr_viz.geometry import FeatureGrid
 from detr_viz.hf_checkpoint import WEIGHT_FILES, import_transformers, read_json, weights_file
-from detr_viz.labels import Labels, default_labels, read_labels
+from detr_viz.labels import Labels, config_names
 from detr_viz.sampling import (
     InputFrame,
     SamplingPoints,
@@ -190,10 +190,7 @@ def describe_deformable(path: str | os.PathLike[str], *, labels: Labels | None =
             f"{folder} holds config.json but no {' or '.join(WEIGHT_FILES)}: copy the weights "
             "file of the same Hugging Face repository into it.")
     _, backbone = _backbone(config, folder / "config.json")
-    found = config_labels(config, folder / "config.json")
-    placeholder = found == tuple(f"LABEL_{i}" for i in range(len(found)))
-    names = read_labels(labels, len(found)) if labels is not None else (
-        default_labels(len(found)) if placeholder else found)
+    names = config_names(config_labels(config, folder / "config.json"), labels)
     if family.deformable_encoder:
         encoder = config.get("encoder_layers", 6)
     elif family.dense_encoder and config.get("encoder_type", "hybrid") == "hybrid":
@@ -201,7 +198,7 @@ def describe_deformable(path: str | os.PathLike[str], *, labels: Labels | None =
     else:
         encoder = 0
     return ModelSpec(
-        family=kind, backbone=backbone, dilation=False, num_classes=len(found),
+        family=kind, backbone=backbone, dilation=False, num_classes=len(names),
         num_queries=config.get("num_queries", 300), encoder_layers=encoder,
         decoder_layers=config.get("decoder_layers", 6), heads=config.get(family.heads_key, 8),
         d_model=config.get("d_model", 256), ffn_dim=int(config.get("decoder_ffn_dim", 1024)),
@@ -289,7 +286,7 @@ def model_inputs(model: DeformableDetector, image: Image.Image
         real = mask[0].bool()
         size = (int(real.any(0).sum()), int(real.any(1).sum()))
     else:
-        size, mask = padded, None if mask is None else mask
+        size = padded
     return pixels, mask, InputFrame(photo_size=image.size, input_size=size, padded_size=padded)
 
 

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 
 from detr_viz.analysis import INCOMING, OUTGOING, Direction, check_direction
 from detr_viz.errors import ArgumentError
+from detr_viz.explain import query_rollout
 
 
 def sampling_matrix(stack, shapes: tuple[tuple[int, int], ...], layer: int) -> sp.csr_array:
@@ -154,12 +155,7 @@ def deformable_rollout(analysis) -> DeformableRollout:
                        for a in cap.dense_encoder)
     else:
         layers = ()
-    r_qq = None
-    for attention in cap.decoder_self:  # R_qq = M_last ... M_first
-        m = attention.double().mean(0).numpy()
-        m = m + np.eye(m.shape[0])
-        m /= m.sum(axis=1, keepdims=True)
-        r_qq = m if r_qq is None else m @ r_qq
+    r_qq = query_rollout([a.double().mean(0) for a in cap.decoder_self]).numpy()
     cross = sampling_matrix(cap.decoder, shapes, cap.decoder.weights.shape[0] - 1)  # (Q, S)
     start = np.asarray((cross.T @ r_qq).T)  # R_qq^T C, (Q, S)
     return DeformableRollout(analysis, layers, start)

@@ -174,6 +174,15 @@ def _rollout_matrix(attention: Tensor) -> Tensor:
     return m / m.sum(-1, keepdim=True)
 
 
+def query_rollout(layers: Sequence[Tensor]) -> Tensor:
+    """R_qq = M_last ... M_first: the decoder's self-attention rolled out, from each layer's
+    head-averaged (Q, Q) attention."""
+    r_qq = _rollout_matrix(layers[0])
+    for attention in layers[1:]:
+        r_qq = _rollout_matrix(attention) @ r_qq
+    return r_qq
+
+
 def rollout(analysis: Analysis) -> Rollout:
     """Attention rollout of ``analysis`` (see the module docstring); ~0.5 s for DC5 on 2 cores.
     A deformable model's: :func:`detr_viz.deformable_rollout.deformable_rollout` (the same rule
@@ -183,9 +192,7 @@ def rollout(analysis: Analysis) -> Rollout:
 
         return deformable_rollout(analysis)
     layers = tuple(_rollout_matrix(mean_attention(f)) for f in analysis.encoder)
-    r_qq = _rollout_matrix(mean_attention(analysis.decoder_self[0]))
-    for f in analysis.decoder_self[1:]:
-        r_qq = _rollout_matrix(mean_attention(f)) @ r_qq
+    r_qq = query_rollout([mean_attention(f) for f in analysis.decoder_self])
     w = r_qq.T @ mean_attention(analysis.decoder[-1])  # (100, N): row t = R_qq[:, t]^T C
     maps = _chain_rows(layers, w, residual=False)
     return Rollout(analysis, layers, maps.reshape(-1, *analysis.feature_hw).numpy())

@@ -24,6 +24,7 @@ from detr_viz.analysis import INCOMING, Analysis, Direction
 from detr_viz.errors import ArgumentError
 from detr_viz.explain import METHODS, RAW
 from detr_viz.faithfulness import Score
+from detr_viz.methods import level_argument
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class View:
     points: tuple[tuple[float, float], ...] = ()  # encoder reference points, original pixels
     target: int | None = None  # the detection whose relevance the encoder maps show
     decoder_level: int | None = None  # deformable models: one feature level (None: all)
+    encoder_level: int | None = None  # a deformable encoder: the clicked token's level
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,7 +75,7 @@ def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None 
     if decoder_maps is None:
         if view.method != RAW and queries:
             raise ArgumentError(f"pass the {view.method} maps of the kept detections.")
-        level = {"level": view.decoder_level} if analysis.sparse else {}
+        level = level_argument(analysis, view.decoder_level)
         decoder_maps = (analysis.decoder_attentions(queries, view.decoder_layer,
                                                     view.decoder_head, **level)
                         if queries else np.zeros((0, h, w), np.float32))
@@ -82,8 +84,10 @@ def view_arrays(analysis: Analysis, view: View, decoder_maps: np.ndarray | None 
     elif encoder_maps is None:
         if view.method != RAW and view.points:
             raise ArgumentError(f"pass the {view.method} maps of the chosen points.")
+        level = level_argument(analysis, view.encoder_level)
         encoder_maps = [analysis.encoder_attention(p, view.encoder_layer, view.encoder_head,
-                                                   view.direction) for p in view.points]
+                                                   view.direction, **level)
+                        for p in view.points]
     decoder_maps = np.asarray(decoder_maps, dtype=np.float32).reshape(-1, h, w)
     if len(decoder_maps) != len(queries) or (
             len(encoder_maps) != len(view.points) and analysis.num_layers):
@@ -139,7 +143,8 @@ def _settings(analysis: Analysis, view: View) -> dict:
         "decoder_head": head(view.decoder_head),
         "direction": view.direction,
         "relevance_target": view.target,
-        **({"decoder_level": view.decoder_level} if analysis.sparse else {}),
+        **({"decoder_level": view.decoder_level, "encoder_level": view.encoder_level}
+           if analysis.sparse else {}),
     }
 
 

@@ -31,7 +31,7 @@ from detr_viz.hf_checkpoint import import_transformers
 from detr_viz.hf_families import FAMILIES, open_hf_family, read_family_config
 from detr_viz.hf_replay import HFInputs, record_inputs
 from detr_viz.image import ModelInput
-from detr_viz.labels import Labels, default_labels, read_labels
+from detr_viz.labels import Labels, config_names
 from detr_viz.spec import ModelSpec
 
 
@@ -69,9 +69,7 @@ def describe_family(path: str | os.PathLike[str], *, labels: Labels | None = Non
         raise WrongVariantError(f"{info.folder}: encoder and decoder heads differ "
                                 f"({info.encoder_heads} and {info.decoder_heads}); detr-viz "
                                 "shows one head count per model.")
-    placeholder = info.labels == tuple(f"LABEL_{i}" for i in range(info.num_labels))
-    names = read_labels(labels, info.num_labels) if labels is not None else (
-        default_labels(info.num_labels) if placeholder else info.labels)
+    names = config_names(info.labels, labels)
     from detr_viz.weights import checkpoint_name  # weights imports this module lazily too
 
     return ModelSpec(

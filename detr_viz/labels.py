@@ -41,6 +41,17 @@ def default_labels(num_classes: int) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(num_classes))
 
 
+def config_names(recorded: tuple[str, ...], given: Labels | None) -> tuple[str, ...]:
+    """The names of a Hugging Face checkpoint's classes: ``given`` (read for as many classes),
+    else config.json's ``recorded`` id2label, unless those are transformers' placeholders
+    (``LABEL_0``, ...): then ``"class 0"``, ..."""
+    if given is not None:
+        return read_labels(given, len(recorded))
+    if recorded == tuple(f"LABEL_{i}" for i in range(len(recorded))):
+        return default_labels(len(recorded))
+    return recorded
+
+
 def read_labels(labels: Labels, num_classes: int, source: str | None = None) -> tuple[str, ...]:
     """One name per classifier output (``num_classes`` of them) from ``labels``: a path to a
     labels file (or its :class:`LabelsFile`), a list of names, or an id -> name map (see the

@@ -88,7 +88,8 @@ class Method:
     transformers' code, :mod:`detr_viz.explain_hf`). ``decoder(source, queries, layer,
     head)`` gives (n, h, w) maps; ``encoder(source, points, layer, head, direction, target)``
     one (h, w) map per point (photo pixels). ``sparse``: it explains deformable models (their
-    sampling weights, :mod:`detr_viz.deformable`), not only dense attention matrices.
+    sampling weights, :mod:`detr_viz.deformable`), not only dense attention matrices; its
+    ``decoder`` and ``encoder`` then also take ``level=`` (one feature level of those models).
     """
 
     name: str
@@ -158,18 +159,19 @@ METHOD: dict[str, Method] = {m.name: m for m in (
     Method(
         RAW, "The attention weights of one layer and head (or the mean of the heads).",
         per_layer=True, explains_class=False, replays=False,
-        decoder=lambda s, q, layer, head: s.analysis.decoder_attentions(q, layer, head),
-        encoder=lambda s, points, layer, head, d, target: [
-            s.analysis.encoder_attention(p, layer, head, d) for p in points], sparse=True),
+        decoder=lambda s, q, layer, head, **at: s.analysis.decoder_attentions(q, layer, head,
+                                                                              **at),
+        encoder=lambda s, points, layer, head, d, target, **at: [
+            s.analysis.encoder_attention(p, layer, head, d, **at) for p in points], sparse=True),
     Method(
         ROLLOUT, "Attention rollout (Abnar & Zuidema 2020): every layer's head-averaged "
                  "attention, residual added, multiplied through the layers (deformable "
                  "models: their sampling matrices, the weights their points put on each "
                  "token).",
         per_layer=False, explains_class=False, replays=False,
-        decoder=lambda s, q, layer, head: s.rollout().decoder_maps(q),
-        encoder=lambda s, points, layer, head, d, target: [
-            s.rollout().encoder_map(p, d) for p in points], sparse=True),
+        decoder=lambda s, q, layer, head, **at: s.rollout().decoder_maps(q, **at),
+        encoder=lambda s, points, layer, head, d, target, **at: [
+            s.rollout().encoder_map(p, d, **at) for p in points], sparse=True),
     Method(
         RELEVANCE, "Relevance (Chefer et al. 2021): attention weighted by the gradient of the "
                    "detection's class score, propagated through encoder and decoder.",
@@ -190,20 +192,37 @@ def get_method(name: str) -> Method:
 
 
 def decoder_maps(source: Source, method: str, queries: Sequence[int], layer: int = -1,
-                 head: int | None = None) -> np.ndarray:
-    """(n, h, w) maps of ``queries`` by ``method``; ArgumentError if it does not apply."""
+                 head: int | None = None, level: int | None = None) -> np.ndarray:
+    """(n, h, w) maps of ``queries`` by ``method``; ArgumentError if it does not apply.
+    ``level``: a deformable model's one feature level (None: all)."""
     chosen = get_method(method)
     chosen.check(source.analysis)
+    at = level_argument(source.analysis, level)
     queries = source.analysis.checked_queries(queries)
     if not queries:
         return np.zeros((0, *source.analysis.feature_hw), np.float32)
-    return chosen.decoder(source, queries, layer, head)
+    return chosen.decoder(source, queries, layer, head, **at)
 
 
 def encoder_maps(source: Source, method: str, points: Sequence[Point], layer: int = -1,
                  head: int | None = None, direction: Direction = "incoming",
-                 target: int | None = None) -> list[np.ndarray]:
-    """One (h, w) map per point by ``method`` (relevance: of detection ``target``)."""
+                 target: int | None = None, level: int | None = None) -> list[np.ndarray]:
+    """One (h, w) map per point by ``method`` (relevance: of detection ``target``);
+    ``level``: the feature level of a deformable encoder's token under each point."""
     chosen = get_method(method)
     chosen.check(source.analysis)
-    return chosen.encoder(source, list(points), layer, head, direction, target) if points else []
+    at = level_argument(source.analysis, level)
+    return chosen.encoder(source, list(points), layer, head, direction, target, **at) \
+        if points else []
+
+
+def level_argument(analysis: Analysis, level: int | None) -> dict:
+    """``level=`` for a map of ``analysis`` (``{}`` for None): only deformable models have
+    feature levels (and only methods that explain them, :attr:`Method.sparse`, take it); an
+    ArgumentError for any other model, never a level silently ignored."""
+    if level is None:
+        return {}
+    if not analysis.sparse:
+        raise ArgumentError(f"{analysis.spec.architecture} has one feature grid; feature "
+                            f"levels (level {level}) are a deformable model's.")
+    return {"level": level}

@@ -312,8 +312,10 @@ def test_export_holds_the_sampling_points_and_references(analyses):
 
     _, a = analyses["deformable_detr"]
     view = export.View(threshold=0.0, decoder_layer=0, decoder_head=1, decoder_level=2,
-                       points=((30.0, 40.0),))
+                       points=((30.0, 40.0),), encoder_level=1)
     data = np.load(io.BytesIO(export.to_npz(a, view)))
+    np.testing.assert_allclose(data["encoder_maps"][0],
+                               a.encoder_attention((30.0, 40.0), level=1), rtol=1e-6)
     queries = [d.query for d in a.detections(0.0)]
     np.testing.assert_array_equal(data["queries"], queries)
     np.testing.assert_allclose(data["decoder_maps"], a.decoder_attentions(queries, 0, 1, level=2),
@@ -326,6 +328,7 @@ def test_export_holds_the_sampling_points_and_references(analyses):
     assert data["level_strides"].tolist() == list(a.strides)
     settings = json.loads(str(data["settings"]))
     assert settings["decoder_level"] == 2 and "Deformable DETR" in settings["model"]
+    assert settings["encoder_level"] == 1
     _, without = analyses["rf_detr"]  # no encoder: the points are kept, no maps around them
     data = np.load(io.BytesIO(export.to_npz(without, export.View(threshold=0.0,
                                                                   points=((3.0, 4.0),)))))

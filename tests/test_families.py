@@ -132,6 +132,8 @@ def test_export_of_a_family_analysis(folders):
     assert settings["model"] == analysis.spec.title and "Conditional DETR" in settings["model"]
     as_json = json.loads(export.to_json(analysis, view))
     np.testing.assert_allclose(np.array(as_json["decoder_maps"]), data["decoder_maps"])
+    with pytest.raises(ArgumentError, match="feature levels .level 1. are a deformable"):
+        export.to_npz(analysis, export.View(threshold=0.0, decoder_level=1))  # never ignored
 
 
 def test_dab_detr_anchor_boxes_through_the_layers(folders):

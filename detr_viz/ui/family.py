@@ -80,13 +80,27 @@ def sampling_points(run: Run, photo: Photo, kept) -> None:
     color_by = cols[0].radio("Colour the points by", COLOR_BY, key="smp-color",
                              horizontal=True)
     cols[1].caption(SAMPLING_NOTE + f" The {len(kept)} best detections above the threshold.")
-    points = [analysis.sampling_points(d.query, layer) for d in kept]
+
+    def build():
+        points = [analysis.sampling_points(d.query, layer) for d in kept]
+        spec = sampling_figure.spec(photo.image, kept, points, color_by=color_by, head=head,
+                                    level=level)
+        return spec, _outside(points, head, level, analysis.original_size)
+
     queries = tuple(d.query for d in kept)
     key = ("sampling", photo.digest, *run.key, layer, head, level, color_by, queries)
-    charts.show(memo(key, lambda: sampling_figure.spec(
-        photo.image, kept, points, color_by=color_by, head=head, level=level)),
-        key="decoder-sampling")
-    width, height = analysis.original_size
+    spec, (outside, total) = memo(key, build)
+    charts.show(spec, key="decoder-sampling")
+    if outside:
+        reads = ("zeros past the feature map's edge" if analysis.capture.decoder.sampler ==
+                 "bilinear" else "the nearest edge cell")
+        st.caption(f"{outside} of the {total} points fall outside the photo (not drawn): "
+                   f"deformable offsets are not clamped, and the sampler reads {reads}.")
+
+
+def _outside(points, head: int | None, level: int | None, size) -> tuple[int, int]:
+    """(points outside the photo, points) of one head and level (None: all)."""
+    width, height = size
     total = outside = 0
     for p in points:
         xy = p.locations.numpy()
@@ -98,8 +112,4 @@ def sampling_points(run: Run, photo: Photo, kept) -> None:
         total += len(real)
         outside += int(((real[:, 0] < 0) | (real[:, 0] > width) | (real[:, 1] < 0)
                         | (real[:, 1] > height)).sum())
-    if outside:
-        reads = ("zeros past the feature map's edge" if analysis.capture.decoder.sampler ==
-                 "bilinear" else "the nearest edge cell")
-        st.caption(f"{outside} of the {total} points fall outside the photo (not drawn): "
-                   f"deformable offsets are not clamped, and the sampler reads {reads}.")
+    return outside, total

@@ -13,8 +13,6 @@ import numpy as np
 
 from detr_viz import methods
 from detr_viz.analysis import Direction
-from detr_viz.errors import ArgumentError
-from detr_viz.explain import RAW, ROLLOUT
 from detr_viz.methods import METHOD
 from detr_viz.ui import resources
 from detr_viz.ui.resources import Photo, Run
@@ -47,32 +45,17 @@ def decoder_maps(photo: Photo, run: Run, method: str, queries: Sequence[int], la
                  head: int | None, level: int | None = None) -> np.ndarray:
     """(n, h, w) maps of the object queries ``queries`` (ArgumentError if ``method`` does not
     apply to the model: never another method's maps under its name). ``level``: a deformable
-    model's one feature level (raw attention and rollout)."""
-    if level is None:
-        return methods.decoder_maps(PageSource(photo, run), method, queries, layer, head)
-    if method == RAW:
-        return run.analysis.decoder_attentions(list(queries), layer, head, level=level)
-    if method == ROLLOUT:
-        return resources.rollout(photo, run).decoder_maps(list(queries), level=level)
-    raise ArgumentError(f"{method} has no maps per feature level; choose all levels.")
+    model's one feature level."""
+    return methods.decoder_maps(PageSource(photo, run), method, queries, layer, head, level)
 
 
 def encoder_maps(photo: Photo, run: Run, method: str, points: Sequence[tuple[float, float]],
                  layer: int, head: int | None, direction: Direction,
                  target: int | None, level: int | None = None) -> list[np.ndarray]:
     """(h, w) maps around each point; relevance needs the explained detection ``target`` (an
-    ArgumentError without one). ``level``: the level of a deformable encoder's clicked token
-    (raw attention and rollout)."""
-    if level is None:
-        return methods.encoder_maps(PageSource(photo, run), method, points, layer, head,
-                                    direction, target)
-    if method == RAW:
-        return [run.analysis.encoder_attention(p, layer, head, direction, level=level)
-                for p in points]
-    if method == ROLLOUT:
-        roll = resources.rollout(photo, run)
-        return [roll.encoder_map(p, direction, level) for p in points]
-    raise ArgumentError(f"{method} has no maps per feature level; choose all levels.")
+    ArgumentError without one). ``level``: the level of a deformable encoder's clicked token."""
+    return methods.encoder_maps(PageSource(photo, run), method, points, layer, head, direction,
+                                target, level)
 
 
 def unavailable(run: Run, method: str) -> str | None:
