@@ -97,8 +97,11 @@ class ResultStore:
         return atomic_write(self.folder(source) / name, data)
 
     def finish(self, source: Path, record: Mapping) -> None:
-        """Mark ``source`` done: its ``done.json`` (write it after every other file)."""
+        """Mark ``source`` done: its ``done.json`` (write it after every other file), and
+        clear the temporary files a killed earlier run left half written in its folder."""
         self.write(source, DONE, json.dumps(record, indent=1))
+        for stale in self.folder(source).glob(".*.tmp"):  # atomic_write's names
+            stale.unlink(missing_ok=True)
 
     def records(self) -> list[dict]:
         """Every complete photo's ``done.json`` in the folder, by id."""

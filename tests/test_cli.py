@@ -274,3 +274,15 @@ def test_a_finetuned_checkpoint_with_its_labels(env, tmp_path, capsys):
     assert main(["analyze", str(path), "--out", str(out), "--checkpoint", str(checkpoint),
                  "--labels", str(tmp_path / "in" / "photo0.jpg"), *SIZE]) == CANNOT_START
     assert "Cannot read the labels file" in capsys.readouterr().err
+
+
+def test_finishing_a_photo_clears_what_a_killed_run_left_half_written(tmp_path):
+    store = ResultStore(tmp_path / "out")
+    source = tmp_path / "photo.jpg"
+    folder = store.folder(source)
+    folder.mkdir(parents=True)
+    stale = folder / ".done.json.pbhk_1ru.tmp"  # a worker killed inside atomic_write
+    stale.write_text("{")
+    store.write(source, "raw.npz", b"maps")
+    store.finish(source, {"settings": {}})
+    assert sorted(p.name for p in folder.iterdir()) == ["done.json", "raw.npz"]
