@@ -296,14 +296,17 @@ def analyze_deformable(model: DeformableDetector, image: Image.Image, *,
     :func:`detr_viz.analysis.analyze`): sigmoid scores, boxes, every decoder layer's sampling
     points, and with ``encoder`` the encoder's (deformable points per token, or RT-DETR's
     dense AIFI attention)."""
+    from detr_viz.deformable_replay import record_tokens, tokens_from
     from detr_viz.sampling_capture import capture_sampling
 
     weight = next(model.hf.parameters())
     pixels, mask, frame = model_inputs(model, image)
+    recorded: dict = {}
     try:
-        cap = capture_sampling(model.hf, pixels.to(weight.device, weight.dtype),
-                               None if mask is None else mask.to(weight.device), encoder=encoder,
-                               self_attention=True)
+        with record_tokens(model.hf, recorded):
+            cap = capture_sampling(model.hf, pixels.to(weight.device, weight.dtype),
+                                   None if mask is None else mask.to(weight.device),
+                                   encoder=encoder, self_attention=True)
     except DetrVizError:
         raise
     except (RuntimeError, ValueError) as exc:  # a shape the backbone cannot take
@@ -321,7 +324,8 @@ def analyze_deformable(model: DeformableDetector, image: Image.Image, *,
     return DeformableAnalysis(
         spec=model.spec, grid=grid, probabilities=_frozen(cap.probabilities.float().numpy()),
         boxes=_frozen(cap.boxes.float().numpy()), encoder=(), decoder=(), decoder_self=(),
-        inputs=None, anchors=_frozen(_anchors(cap, frame)), frame=frame, capture=cap,
+        inputs=tokens_from(recorded, pixels, mask), anchors=_frozen(_anchors(cap, frame)),
+        frame=frame, capture=cap,
         strides=strides)
 
 
@@ -334,7 +338,8 @@ class DeformableAnalysis(Analysis):
     ``frame``: where the photo sits in the model input; ``strides[l]``: model-input pixels per
     cell of level l. ``grid``: the finest level over the photo, where maps are drawn (module
     docstring). ``encoder``/``decoder`` (dense factors) are empty: the methods below read the
-    capture.
+    capture. ``inputs``: the tokens the transformer was given, per level
+    (:class:`~detr_viz.deformable_replay.DeformableInputs`), for faithfulness scores.
     """
 
     frame: InputFrame | None = None
@@ -443,6 +448,48 @@ class DeformableAnalysis(Analysis):
     def decoder_attention(self, query: int, layer: int = -1, head: int | None = None,
                           term: str | None = None, level: int | None = None) -> np.ndarray:
         return self.decoder_attentions([query], layer, head, term, level)[0]
+
+    def decoder_tokens(self, queries: list[int], layer: int = -1, head: int | None = None,
+                       level: int | None = None) -> np.ndarray:
+        """(n, S) float64 in token order (level by level, each row-major): the weight each
+        query's points of ``layer`` and ``head`` put on each token, as the sampler read them;
+        of one ``level`` (the others 0) or all. What :meth:`decoder_attentions` draws."""
+        queries = self.checked_queries(queries)
+        self._level(level)
+        stack = self.capture.decoder
+        layer = self._layer_index(layer, stack.weights.shape[0])
+        rows = [torch.cat([m.flatten() for m in splat(stack, self.level_shapes, q, layer, head)])
+                for q in queries]
+        return self.only_level(torch.stack(rows).double().numpy() if rows else
+                               np.zeros((0, self.num_tokens)), level)
+
+    @property
+    def num_tokens(self) -> int:
+        """S: the tokens of every level."""
+        return sum(h * w for h, w in self.level_shapes)
+
+    def only_level(self, values: np.ndarray, level: int | None) -> np.ndarray:
+        """(..., S) token values with every level but ``level`` set to 0 (None: unchanged)."""
+        if level is None:
+            return values
+        self._level(level)
+        start = self.capture.level_start_index[level]
+        h, w = self.level_shapes[level]
+        out = np.zeros_like(values)
+        out[..., start:start + h * w] = values[..., start:start + h * w]
+        return out
+
+    def photo_tokens(self) -> np.ndarray:
+        """The tokens whose cells lie over the resized photo (not padding, not past a ViT
+        level's edge), ascending (token order)."""
+        out = []
+        for level, ((h, w), start) in enumerate(zip(
+                self.level_shapes, self.capture.level_start_index, strict=True)):
+            gh, gw = self.level_grid(level).shape
+            rows, cols = np.meshgrid(np.arange(min(h, gh)), np.arange(min(w, gw)),
+                                     indexing="ij")
+            out.append(start + (rows * w + cols).ravel())
+        return np.sort(np.concatenate(out))
 
     def encoder_attention(self, point: tuple[float, float], layer: int = -1,
                           head: int | None = None, direction: Direction = INCOMING,

@@ -106,6 +106,10 @@ class DeformableRollout:
         return np.stack([self._maps[q] for q in queries]) if queries else np.zeros(
             (0, self.start.shape[1]))
 
+    def decoder_tokens(self, queries, level: int | None = None) -> np.ndarray:
+        """(n, S) float64: :meth:`token_maps` of one ``level`` (the others 0), or all."""
+        return self.analysis.only_level(self.token_maps(queries), level)
+
     def decoder_maps(self, queries, level: int | None = None) -> np.ndarray:
         """(n, h, w) float32 on the analysis' grid: each query's tokens, level by level, spread
         over the finest grid as the raw maps are (one ``level``, or all summed)."""

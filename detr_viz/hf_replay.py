@@ -76,7 +76,8 @@ def record_inputs(model: nn.Module, store: dict) -> Iterator[None]:
 
 
 class _Recorded(nn.Module):
-    """A backbone that returns what the real one returned for the analysed image."""
+    """A module that returns what it is told to (``output``): what the real backbone returned
+    for the analysed image, or the tokens a replay puts in."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,13 +91,15 @@ _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def replay_copy(model: nn.Module) -> tuple[nn.Module, threading.Lock]:
+def replay_copy(model: nn.Module, paths: tuple[str, ...] = ("model.backbone",)
+                ) -> tuple[nn.Module, threading.Lock]:
     """A copy of transformers' ``model`` sharing its parameters' values but not its modules,
-    its backbone replaced by :class:`_Recorded` (made once per model), and the lock that
-    serialises its use."""
+    the submodules at ``paths`` (dotted names, ``model.get_submodule``'s) each replaced by a
+    :class:`_Recorded` whose output the caller sets (made once per model: a model has one set
+    of paths), and the lock that serialises its use."""
     with _LOCK:
         if model not in _COPIES:
-            memo = {id(model.model.backbone): _Recorded()}
+            memo = {id(model.get_submodule(path)): _Recorded() for path in paths}
             for t in (*model.parameters(), *model.buffers()):  # shared: no second copy
                 memo[id(t)] = t
             _COPIES[model] = (copy.deepcopy(model, memo), threading.Lock())

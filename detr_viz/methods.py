@@ -75,6 +75,7 @@ def _stack(maps: list[np.ndarray], analysis: Analysis) -> np.ndarray:
 Decoder = Callable[[Source, list[int], int, "int | None"], np.ndarray]
 Encoder = Callable[[Source, list[Point], int, "int | None", Direction, "int | None"],
                    list[np.ndarray]]
+Tokens = Callable[[Source, list[int], int, "int | None", "int | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ class Method:
     head)`` gives (n, h, w) maps; ``encoder(source, points, layer, head, direction, target)``
     one (h, w) map per point (photo pixels). ``sparse``: it explains deformable models (their
     sampling weights, :mod:`detr_viz.deformable`), not only dense attention matrices; its
-    ``decoder`` and ``encoder`` then also take ``level=`` (one feature level of those models).
+    ``decoder`` and ``encoder`` then also take ``level=`` (one feature level of those models),
+    and ``tokens(source, queries, layer, head, level)`` gives the (n, S) token values a decoder
+    map is drawn from (what faithfulness scores rank, every level's tokens in one order).
     """
 
     name: str
@@ -100,6 +103,7 @@ class Method:
     decoder: Decoder
     encoder: Encoder
     sparse: bool = False
+    tokens: Tokens | None = None
 
     def unavailable(self, analysis: Analysis) -> str | None:
         """Why this method cannot explain ``analysis``'s model, or None."""
@@ -114,9 +118,11 @@ class Method:
                     "analysis kept no input to run it on; analyse the photo again.")
         return None
 
-    def tag(self, layer: int, head: int | None) -> str:
-        """What identifies a decoder map of this method (layer and head only if per layer)."""
-        return f"{self.name} L{layer} H{head}" if self.per_layer else self.name
+    def tag(self, layer: int, head: int | None, level: int | None = None) -> str:
+        """What identifies a decoder map of this method (layer and head only if per layer; a
+        deformable model's one level)."""
+        name = f"{self.name} L{layer} H{head}" if self.per_layer else self.name
+        return name if level is None else f"{name} level {level}"
 
     def check(self, analysis: Analysis) -> None:
         """Raise ArgumentError saying why, if :meth:`unavailable`."""
@@ -127,12 +133,18 @@ class Method:
 def replay_unavailable(analysis: Analysis, what: str) -> str | None:
     """Why ``what`` (a computation that re-runs the transformer from the captured tokens:
     deleted tokens) cannot run on ``analysis``, or None when it can."""
-    if analysis.inputs is not None:
-        return None
-    if analysis.sparse:
-        return (f"{what}, which detr-viz does not do yet for {analysis.spec.architecture}'s "
-                "multi-level tokens.")
-    return f"{what}, and this analysis kept no tokens to run it on; analyse the photo again."
+    if analysis.inputs is None:
+        return f"{what}, and this analysis kept no tokens to run it on; analyse the photo again."
+    if analysis.sparse and analysis.inputs.shapes != analysis.level_shapes:
+        return (f"{what}, and {analysis.spec.architecture}'s decoder reads feature levels "
+                f"{_sizes(analysis.level_shapes)} where its transformer was given tokens on "
+                f"{_sizes(analysis.inputs.shapes)}: the levels its encoder adds have no tokens "
+                "to delete, so detr-viz does not score its maps.")
+    return None
+
+
+def _sizes(shapes) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in shapes)
 
 
 def redraw_unavailable(analysis: Analysis, what: str) -> str | None:
@@ -162,7 +174,8 @@ METHOD: dict[str, Method] = {m.name: m for m in (
         decoder=lambda s, q, layer, head, **at: s.analysis.decoder_attentions(q, layer, head,
                                                                               **at),
         encoder=lambda s, points, layer, head, d, target, **at: [
-            s.analysis.encoder_attention(p, layer, head, d, **at) for p in points], sparse=True),
+            s.analysis.encoder_attention(p, layer, head, d, **at) for p in points], sparse=True,
+        tokens=lambda s, q, layer, head, level: s.analysis.decoder_tokens(q, layer, head, level)),
     Method(
         ROLLOUT, "Attention rollout (Abnar & Zuidema 2020): every layer's head-averaged "
                  "attention, residual added, multiplied through the layers (deformable "
@@ -171,7 +184,8 @@ METHOD: dict[str, Method] = {m.name: m for m in (
         per_layer=False, explains_class=False, replays=False,
         decoder=lambda s, q, layer, head, **at: s.rollout().decoder_maps(q, **at),
         encoder=lambda s, points, layer, head, d, target, **at: [
-            s.rollout().encoder_map(p, d, **at) for p in points], sparse=True),
+            s.rollout().encoder_map(p, d, **at) for p in points], sparse=True,
+        tokens=lambda s, q, layer, head, level: s.rollout().decoder_tokens(q, level)),
     Method(
         RELEVANCE, "Relevance (Chefer et al. 2021): attention weighted by the gradient of the "
                    "detection's class score, propagated through encoder and decoder.",
@@ -202,6 +216,18 @@ def decoder_maps(source: Source, method: str, queries: Sequence[int], layer: int
     if not queries:
         return np.zeros((0, *source.analysis.feature_hw), np.float32)
     return chosen.decoder(source, queries, layer, head, **at)
+
+
+def decoder_tokens(source: Source, method: str, queries: Sequence[int], layer: int = -1,
+                   head: int | None = None, level: int | None = None) -> np.ndarray:
+    """(n, S) token values of a deformable model's decoder maps by ``method`` (see
+    :attr:`Method.tokens`): what :func:`decoder_maps` draws for the same arguments."""
+    chosen = get_method(method)
+    chosen.check(source.analysis)
+    if not source.analysis.sparse or chosen.tokens is None:
+        raise ArgumentError(f"{source.analysis.spec.architecture}'s maps are on one feature "
+                            "grid; token values by level are a deformable model's.")
+    return chosen.tokens(source, source.analysis.checked_queries(queries), layer, head, level)
 
 
 def encoder_maps(source: Source, method: str, points: Sequence[Point], layer: int = -1,

@@ -13,7 +13,7 @@ import streamlit as st
 import torch
 from test_app_models import app_on, pick
 
-from detr_viz import analyze, explain, load_model
+from detr_viz import analyze, explain, faithfulness, load_model
 from detr_viz.display import display_to_original
 
 from apptest import SAMPLE, array, assert_clean, charts, click
@@ -141,6 +141,42 @@ def test_deformable_detr_encoder_tokens_on_each_level(page, deformable_dir):
     page.toggle(key="enc-overview-on").set_value(True).run()  # every layer and head
     page.toggle(key="dec-overview-on").set_value(True).run()
     assert_clean(page)
+
+
+def test_faithfulness_scores_the_shown_level_and_ranks_the_methods_that_apply(
+        page, deformable_dir):
+    page.run()
+    pick(page, "rt_detr")
+    page.selectbox(key="dec-layer").set_value("layer 1").run()
+    level = next(o for o in page.selectbox(key="dec-level").options if o.startswith("level 1"))
+    page.selectbox(key="dec-level").set_value(level).run()
+    assert_clean(page)
+    assert not any("deletion AUC" in c.value for c in page.caption)  # nothing unasked
+    page.button(key="score-page").click().run()
+    assert_clean(page)
+    model = load_model(checkpoint=deformable_dir / "rt_detr")
+    a = analyze(model, SAMPLE.read_bytes())
+    base = faithfulness.random_baseline(model, a)
+    shown = [int(t["text"].split(":")[0].removeprefix("query ")) for t in
+             charts(page)["decoder-grid"]["layout"]["annotations"]
+             if t["text"].startswith("query ")]
+    assert shown
+    for query in shown:  # the shown map: layer 1, mean of heads, level 1's tokens only
+        score = faithfulness.score_maps(model, a, query, {"map": a.decoder_tokens(
+            [query], 0, None, level=1)[0]}, baseline=base)["map"]
+        text = f"query {query}: " + score.summary(base.curves(query, score.label))
+        assert any(c.value == text for c in page.caption), text
+    # the ranking: raw attention and rollout (relevance is not defined here), level 1
+    page.selectbox(key="rank-query").set_value(shown[0]).run()
+    page.button(key="rank-go").click().run()
+    assert_clean(page)
+    table = page.dataframe[0].value
+    assert set(table["method"]) == {explain.RAW, explain.ROLLOUT, "random order"}
+    roll = faithfulness.score_maps(model, a, shown[0], {"map": explain.rollout(a).decoder_tokens(
+        [shown[0]], level=1)[0]}, baseline=base)["map"]
+    row = table[table["method"] == explain.ROLLOUT].iloc[0]
+    assert row["deletion AUC (lower is better)"] == pytest.approx(roll.deletion.auc, abs=1e-6)
+    assert row["in the box"] == pytest.approx(roll.pointing, abs=1e-6)
 
 
 def test_lw_detr_without_an_encoder_and_beside_detr(page, deformable_dir):

@@ -8,7 +8,7 @@ from detr_viz import figures, overview
 from detr_viz.analysis import Detection
 from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers, scores
-from detr_viz.ui.maps import decoder_maps, tag, unavailable
+from detr_viz.ui.maps import decoder_maps, decoder_tokens, tag, unavailable
 from detr_viz.ui.memo import memo
 from detr_viz.ui.resources import Photo, Run
 
@@ -67,8 +67,10 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     maps, spec = memo(key, build)
     charts.show(spec, key="decoder-grid")
     if shown:
-        scores.score_row(run, photo, shown, dict(zip(queries, maps, strict=True)),
-                         tag(method, layer, head))
+        scored = maps if not run.analysis.sparse else decoder_tokens(  # what they are drawn from
+            photo, run, method, queries, layer, head, level)
+        scores.score_row(run, photo, shown, dict(zip(queries, scored, strict=True)),
+                         tag(method, layer, head, level))
         _overview(run, photo, shown, (layer, head), style)
 
 

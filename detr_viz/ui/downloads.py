@@ -29,7 +29,7 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
         enc = [] if analysis.num_layers == 0 else encoder_maps(
             photo, run, v.method, v.points, v.encoder_layer, v.encoder_head, v.direction,
             v.target, v.encoder_level)
-        method_tag = tag(v.method, v.decoder_layer, v.decoder_head)
+        method_tag = tag(v.method, v.decoder_layer, v.decoder_head, v.decoder_level)
         found = {q: {v.method: s} for q in queries
                  if (s := resources.known_scores(photo, run, q, method_tag, "map")) is not None}
         return v, kept, dec, enc, found

@@ -36,9 +36,10 @@ class PageSource:
         return resources.encoder_relevance(self.photo, self.run, query)
 
 
-def tag(method: str, layer: int, head: int | None) -> str:
-    """What identifies a decoder map of ``method`` (raw attention depends on layer and head)."""
-    return methods.get_method(method).tag(layer, head)
+def tag(method: str, layer: int, head: int | None, level: int | None = None) -> str:
+    """What identifies a decoder map of ``method`` (raw attention depends on layer and head;
+    a deformable model's map on its level)."""
+    return methods.get_method(method).tag(layer, head, level)
 
 
 def decoder_maps(photo: Photo, run: Run, method: str, queries: Sequence[int], layer: int,
@@ -47,6 +48,13 @@ def decoder_maps(photo: Photo, run: Run, method: str, queries: Sequence[int], la
     apply to the model: never another method's maps under its name). ``level``: a deformable
     model's one feature level."""
     return methods.decoder_maps(PageSource(photo, run), method, queries, layer, head, level)
+
+
+def decoder_tokens(photo: Photo, run: Run, method: str, queries: Sequence[int], layer: int,
+                   head: int | None, level: int | None = None) -> np.ndarray:
+    """(n, S) token values of a deformable model's decoder maps (what they draw; what
+    faithfulness scores rank)."""
+    return methods.decoder_tokens(PageSource(photo, run), method, queries, layer, head, level)
 
 
 def encoder_maps(photo: Photo, run: Run, method: str, points: Sequence[tuple[float, float]],

@@ -9,10 +9,12 @@ import streamlit as st
 from detr_viz.analysis import Detection
 from detr_viz.explain import METHODS, RAW
 from detr_viz.faithfulness import ranking
-from detr_viz.methods import replay_unavailable
+from detr_viz.methods import METHOD, replay_unavailable
 from detr_viz.ui import layers, resources
-from detr_viz.ui.maps import decoder_maps, tag
+from detr_viz.ui.maps import decoder_maps, decoder_tokens, tag
 from detr_viz.ui.resources import Photo, Run
+
+_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
 def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np.ndarray],
@@ -28,8 +30,11 @@ def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np
         "Score these maps", key="score-page",
         help="Deletion and insertion of encoder tokens in the map's order, against a random "
              "order, and the share of the map inside the box. Runs the transformer again (not "
-             "the backbone): seconds per map.")
-    with right.popover("Rank the three methods for one detection"):
+             "the backbone): seconds per map." + (
+                 " Every feature level's tokens go in one order, ties (tokens no point reads) "
+                 "in the random order." if run.analysis.sparse else ""))
+    count = sum(METHOD[m].unavailable(run.analysis) is None for m in METHODS)
+    with right.popover(f"Rank the {_WORDS.get(count, count)} methods for one detection"):
         _ranking(run, photo, shown)
     if clicked:
         for det in shown:
@@ -48,10 +53,14 @@ def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
                                 format_func=lambda q: describe(by_query[q]))]
     if not st.button("Compute the table", key="rank-go"):
         return
-    layer, head = layers.current("dec", run.analysis)  # the decoder section's choices
-    maps = {m: decoder_maps(photo, run, m, [det.query], layer, head)[0] for m in METHODS}
-    found = {m: resources.scores(photo, run, det.query, {"map": maps[m]}, tag(m, layer, head))
-             ["map"] for m in METHODS}
+    analysis = run.analysis
+    layer, head = layers.current("dec", analysis)  # the decoder section's choices
+    level = layers.current_level("dec", analysis) if analysis.sparse else None
+    chosen = [m for m in METHODS if METHOD[m].unavailable(analysis) is None]
+    maps = {m: (decoder_tokens if analysis.sparse else decoder_maps)(
+        photo, run, m, [det.query], layer, head, level)[0] for m in chosen}
+    found = {m: resources.scores(photo, run, det.query, {"map": maps[m]},
+                                 tag(m, layer, head, level))["map"] for m in chosen}
     random = resources.baseline(photo, run).curves(det.query, found[RAW].label)
     rows = [{"rank": i + 1, "method": m, "deletion AUC (lower is better)": found[m].deletion.auc,
              "insertion AUC (higher is better)": found[m].insertion.auc,
