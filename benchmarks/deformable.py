@@ -7,7 +7,10 @@ with ``encoder=True`` (a deformable encoder's points per token, or a dense AIFI 
 (issue 14): capture <= 1.1 x the plain forward. With ``--analyze``, the whole of detr-viz's
 ``analyze`` on a photo (image processor, capture with the encoder, the record) against the
 same image processor followed by transformers' forward with ``output_attentions=True``
-(issue 14's goal: at most 1.1x).
+(issue 14's goal: at most 1.1x). With ``--faithfulness``, what a faithfulness score costs
+there (:mod:`detr_viz.faithfulness`, each run a replay of encoder and decoder on changed
+tokens, :mod:`detr_viz.deformable_replay`) against the plain forward, and the tokens an
+analysis keeps for it.
 
 Sizes: ``tiny``, the tests' models (``tests/deformable_models.py``) on their small images, and
 ``real``, each family's released configuration size with random weights (timing does not
@@ -118,6 +121,38 @@ def analyze_rows(family: str, model, repeats: int, work: Path) -> list[str]:
             *rollout_times(analyze(detector, photo))]
 
 
+def faithfulness_rows(family: str, model, work: Path) -> list[list[str]]:
+    """Wall time (once each) of a photo's random baseline (16 runs), one map's score (14
+    runs), one replay run of a batch of 4 against the plain forward, and the tokens kept."""
+    from detr_viz import analyze, faithfulness, load_model
+    from detr_viz.deformable_replay import deformable_replay
+
+    folder = work / family
+    if not folder.exists():
+        model.save_pretrained(folder)
+    detector = load_model(checkpoint=folder)
+    a = analyze(detector, official_size_photo())
+    pixels = detector.processor(images=official_size_photo(), return_tensors="pt")
+    levels = [t[0] for t in a.inputs.tokens]
+    base = faithfulness.random_baseline(detector, a)
+    cases = {"plain forward (backbone included), 1 image":
+             lambda: detector.hf(**pixels),
+             "replay, 4 token sets (one batch)":
+             lambda: deformable_replay(detector.hf, a.inputs, [levels] * 4),
+             "random baseline (16 runs)": lambda: faithfulness.random_baseline(detector, a),
+             "score one map (14 runs)": lambda: faithfulness.score_maps(
+                 detector, a, 0, {"raw": a.decoder_tokens([0])[0]}, baseline=base)}
+    rows = []
+    kept = sum(t.numel() * t.element_size() for t in a.inputs.tokens) / 1e6
+    for name, case in cases.items():
+        with torch.inference_mode():
+            case()  # warm-up
+            start = time.perf_counter()
+            case()
+        rows.append([family, name, fmt_time(time.perf_counter() - start), f"{kept:.1f} MB"])
+    return rows
+
+
 def rollout_times(analysis) -> list[str]:
     """Rollout through the deformable layers: building it (the sparse matrices, R_qq^T C),
     then four queries' maps, then a click's encoder map (each once, wall time)."""
@@ -166,13 +201,15 @@ def main() -> None:
     parser = common_arguments(__doc__.splitlines()[0], repeats=5, quick_repeats=2)
     parser.add_argument("--sizes", nargs="+", choices=("tiny", "real"), default=["tiny", "real"])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="also what a faithfulness score costs (real sizes)")
     parser.add_argument("--analyze", action="store_true",
                         help="also detr-viz's analyze() of a photo against the family's image "
                              "processor + forward with output_attentions=True (real sizes)")
     args = resolve(parser.parse_args())
     print_header("Sampling-point capture on the deformable DETR families", args)
     share = CpuShare()
-    rows, whole = [], []
+    rows, whole, scores = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             for family in args.families:
@@ -182,6 +219,8 @@ def main() -> None:
                 rows.append([size, *measure(family, model, shape, args.repeats)])
                 if args.analyze and size == "real":
                     whole.append(analyze_rows(family, model, args.repeats, Path(tmp)))
+                if args.faithfulness and size == "real":
+                    scores += faithfulness_rows(family, model, Path(tmp))
                 del model
     print(table(["size", "family", "input (W x H)", "forward", "output_attentions=True",
                  "capture", "capture+encoder", "output_attentions / forward",
@@ -192,6 +231,9 @@ def main() -> None:
         print(table(["family", "model input (W x H)", "processor + output_attentions=True",
                      "analyze (capture with encoder)", "analyze / transformers",
                      "rollout: build", "rollout: 4 queries", "rollout: a click"], whole))
+    if scores:
+        print("\nFaithfulness (steps = 8) on the same photo, each once after a warm-up:\n")
+        print(table(["family", "what", "time", "tokens kept per analysis"], scores))
     print(f"\nMedians of {args.repeats} interleaved rounds after 1 warm-up; ratios per round. "
           + share.report())
 

@@ -30,11 +30,14 @@ def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np
         "Score these maps", key="score-page",
         help="Deletion and insertion of encoder tokens in the map's order, against a random "
              "order, and the share of the map inside the box. Runs the transformer again (not "
-             "the backbone): seconds per map." + (
+             "the backbone), 14 times per map and 16 times once per photo for the random "
+             "order: seconds per map for DETR, minutes for a deformable encoder at 800 px on a "
+             "laptop's CPU (BENCHMARKS.md)." + (
                  " Every feature level's tokens go in one order, ties (tokens no point reads) "
                  "in the random order." if run.analysis.sparse else ""))
     count = sum(METHOD[m].unavailable(run.analysis) is None for m in METHODS)
-    with right.popover(f"Rank the {_WORDS.get(count, count)} methods for one detection"):
+    with right.popover(f"Rank the {_WORDS.get(count, count)} methods for one detection",
+                       width="stretch"):  # the table as wide as the column, not the label
         _ranking(run, photo, shown)
     if clicked:
         for det in shown:
