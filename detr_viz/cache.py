@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
@@ -100,13 +101,21 @@ class ByteCache:
     even when it alone exceeds the budget, so the view that asked for it still works. A value
     changed in place after it was cached (a store that gained entries) is measured again with
     ``remeasure(key)``. Values are shared between callers: treat them as read-only.
+
+    ``after_work()`` (optional) is called, outside the cache's locks, after a build or a
+    remeasured change that took at least ``work_seconds`` (work that allocated and freed
+    memory) and after entries were evicted: the page gives freed memory back to the system
+    there (:mod:`detr_viz.memory`).
     """
 
-    def __init__(self, budget: int, measure: Callable[[object], int] = nbytes) -> None:
+    def __init__(self, budget: int, measure: Callable[[object], int] = nbytes, *,
+                 after_work: Callable[[], None] | None = None,
+                 work_seconds: float = 0.1) -> None:
         if not isinstance(budget, int) or budget <= 0:
             raise ArgumentError(f"budget must be a positive number of bytes, not {budget!r}.")
         self.budget = budget
         self._measure = measure
+        self._after_work, self._work_seconds = after_work, work_seconds
         self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
         self._gates: dict[Hashable, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -123,16 +132,20 @@ class ByteCache:
             found, value = self._lookup(key)  # built while this caller waited
             if found:
                 return value
+            evictions, start = self.evictions, time.perf_counter()
             try:
                 value = build()
                 self._store(key, value, self._measure(value))
             finally:
                 with self._lock:
                     self._gates.pop(key, None)
+            self._worked(time.perf_counter() - start, evictions)
         return value
 
-    def remeasure(self, key: Hashable) -> None:
-        """Measure ``key``'s value again (nothing if it is gone), then evict down to budget."""
+    def remeasure(self, key: Hashable, worked: float = 0.0) -> None:
+        """Measure ``key``'s value again (nothing if it is gone), then evict down to budget.
+        ``worked``: seconds spent changing it (see ``after_work``)."""
+        evictions = self.evictions
         with self._lock:
             if key not in self._items:
                 return
@@ -144,6 +157,12 @@ class ByteCache:
                 self._items[key] = (value, size)
                 self._items.move_to_end(key)
                 self._evict(keep=key)
+        self._worked(worked, evictions)
+
+    def _worked(self, seconds: float, evictions: int) -> None:
+        if self._after_work is not None and (seconds >= self._work_seconds
+                                             or self.evictions != evictions):
+            self._after_work()
 
     def sizes(self) -> list[tuple[Hashable, int]]:
         """(key, bytes) of every entry, least recently used first."""

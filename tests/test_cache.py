@@ -134,6 +134,22 @@ def test_remeasure_counts_what_a_store_gained_and_evicts_others():
     cache.remeasure("gone")  # nothing
 
 
+def test_after_work_follows_long_builds_long_changes_and_evictions_only():
+    calls = []
+    cache = ByteCache(1000, measure=measured, after_work=lambda: calls.append(1),
+                      work_seconds=0.05)
+    cache.get("quick", lambda: sized(100))
+    cache.get("quick", lambda: pytest.fail("cached"))
+    cache.remeasure("quick", worked=0.01)
+    assert calls == []  # nothing worked long, nothing went
+    cache.get("slow", lambda: time.sleep(0.06) or sized(100))
+    assert len(calls) == 1
+    cache.remeasure("slow", worked=0.2)  # a store that took long to gain entries
+    assert len(calls) == 2
+    cache.get("big", lambda: sized(950))  # quick, but quick and slow go
+    assert len(calls) == 3 and cache.evictions == 2
+
+
 def test_a_failed_build_caches_nothing_and_the_next_caller_builds():
     cache = ByteCache(1000, measure=measured)
     with pytest.raises(ZeroDivisionError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from detr_viz import DETR, Analysis, analyze, explain, faithfulness, load_image
+from detr_viz import DETR, Analysis, analyze, explain, faithfulness, load_image, memory
 from detr_viz.cache import ByteCache, budget_from_env
 from detr_viz.catalog import Found, find_checkpoints
 from detr_viz.display import DisplayImage, display_image
@@ -114,7 +115,7 @@ def get_provenance(variant: str, checkpoint: str) -> str:
 @st.cache_resource(show_spinner=False)
 def cache() -> ByteCache:
     """The page's one byte-bounded cache, shared by every session (keys say whose it is)."""
-    return ByteCache(budget_from_env())
+    return ByteCache(budget_from_env(), after_work=memory.release_soon)
 
 
 def get_photo(digest: str, data: bytes) -> Photo:
@@ -188,10 +189,11 @@ def editing(photo: Photo, run: Run, what: str) -> Iterator[Store]:
     key = _store_key(photo, run, what)
     store = cache().get(key, Store)
     with store.lock:
+        start = time.perf_counter()
         try:
             yield store
         finally:  # a computation that failed half-way may still have added entries
-            cache().remeasure(key)
+            cache().remeasure(key, worked=time.perf_counter() - start)
 
 
 def rollout(photo: Photo, run: Run):
