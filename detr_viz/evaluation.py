@@ -6,8 +6,11 @@
 For each kept detection of a photo (its ``done.json``) and each method, the maps stored by
 ``analyze`` are scored with :func:`detr_viz.faithfulness.score_maps`: deletion and insertion
 AUC next to the random order's (one seeded random order per photo, shared by its detections),
-and the energy pointing game in the predicted box. The photo is analysed again (one forward;
-it must give the same detections, or the weights changed). Rows are cached per photo and method
+and the energy pointing game in the predicted box. A deformable model's maps are scored as the
+token values they are drawn from, every level's (:func:`detr_viz.methods.decoder_tokens`,
+checked to draw the stored maps); the ground-truth energy reads the stored map itself. The
+photo is analysed again (one forward; it must give the same detections, or the weights
+changed). Rows are cached per photo and method
 (``eval-<method>-s<steps>.json``, written atomically), so an interrupted evaluation resumes.
 With COCO annotations, each detection is matched to the ground-truth box of its class with the
 highest IoU (at least 0.5; greedily, best score first, one box per detection) and the map's
@@ -27,6 +30,7 @@ from detr_viz.batch import FILE_NAMES
 from detr_viz.errors import ArgumentError, DetrVizError
 from detr_viz.faithfulness import pointing_energy, random_baseline, score_maps
 from detr_viz.geometry import FeatureGrid
+from detr_viz.methods import Explainer, decoder_tokens
 from detr_viz.model import DETR
 from detr_viz.results import ResultStore
 
@@ -82,11 +86,13 @@ def _score(model: DETR, record: Mapping, store: ResultStore, methods: Sequence[s
         raise DetrVizError(f"{source} now gives other detections than when it was analysed: "
                            "evaluate with the same model and checkpoint as analyze used.")
     baseline = random_baseline(model, analysis, steps=steps, seed=seed)
-    maps = {m: stored_maps(store, source, m) for m in methods}
+    maps = {m: stored_maps(store, source, m)[1] for m in methods}
+    if analysis.sparse:
+        maps = {m: _tokens_of(model, analysis, m, kept, maps[m], source) for m in methods}
     out: dict[str, list[dict]] = {m: [] for m in methods}
     for i, det in enumerate(record["detections"]):
         query, label = det["query"], det["label"]
-        scores = score_maps(model, analysis, query, {m: maps[m][1][i] for m in methods},
+        scores = score_maps(model, analysis, query, {m: maps[m][i] for m in methods},
                             label=label, steps=steps, baseline=baseline)
         random_deletion, random_insertion = baseline.curves(query, label)
         for method, s in scores.items():
@@ -100,6 +106,20 @@ def _score(model: DETR, record: Mapping, store: ResultStore, methods: Sequence[s
                 "random_deletion": random_deletion.probability.tolist(),
                 "random_insertion": random_insertion.probability.tolist()})
     return out
+
+
+def _tokens_of(model, analysis, method: str, queries: list[int], stored: np.ndarray,
+               source: Path) -> np.ndarray:
+    """A deformable model's token values (n, S) behind the maps ``analyze`` stored (last
+    layer, mean of heads, every level: what it draws), checked to draw those maps."""
+    values = decoder_tokens(Explainer(model, analysis), method, queries)
+    drawn = np.stack([analysis.on_grid(analysis.token_levels(v), None) for v in values]) \
+        if len(values) else np.zeros_like(stored)
+    if drawn.shape != stored.shape or not np.allclose(drawn, stored, rtol=1e-4,
+                                                      atol=1e-6 * max(np.abs(stored).max(), 1)):
+        raise DetrVizError(f"{source}'s stored {method} maps are not the model's now: evaluate "
+                           "with the same model and checkpoint as analyze used.")
+    return values
 
 
 # --- ground truth --------------------------------------------------------------------------

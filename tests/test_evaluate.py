@@ -104,3 +104,58 @@ def test_bootstrap_interval_width_and_photo_resampling():
     assert tenfold.high - tenfold.low == pytest.approx(one.high - one.low, rel=0.1)
     flat = bootstrap_mean([0.5] * 7 + [math.nan], list(range(8)))
     assert (flat.mean, flat.low, flat.high, flat.count) == (0.5, 0.5, 0.5, 7)
+
+
+def test_a_deformable_checkpoint_is_scored_on_the_tokens_its_maps_are_drawn_from(tmp_path,
+                                                                                  capsys):
+    import torch
+    from PIL import Image
+
+    from detr_viz import analyze, load_model
+    from detr_viz.explain import RAW, ROLLOUT
+    from detr_viz.methods import Explainer, decoder_tokens
+
+    from deformable_models import small_processor, tiny_model
+
+    folder = tmp_path / "rt"
+    tiny_model("rt_detr", dtype=torch.float32).save_pretrained(folder)
+    small_processor("rt_detr").save_pretrained(folder)
+    (tmp_path / "in").mkdir()
+    photo = tmp_path / "in" / "p.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 120, 3), np.uint8)).save(photo)
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "in"), "--checkpoint", str(folder), "--methods",
+                 "raw,rollout", "--threshold", "0", "--out", str(out)]) == 0
+    assert main(["evaluate", str(out), "--steps", "3", "--bootstrap", "50"]) == 0
+    with (out / "evaluation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    model = load_model(checkpoint=folder)
+    analysis = analyze(model, photo)
+    queries = [d.query for d in analysis.detections(0.0)]
+    assert len(rows) == 2 * len(queries) == 14
+    baseline = random_baseline(model, analysis, steps=3)
+    for method in (RAW, ROLLOUT):
+        values = decoder_tokens(Explainer(model, analysis), method, queries)
+        for query, v in zip(queries, values, strict=True):
+            score = score_maps(model, analysis, query, {"m": v}, steps=3,
+                               baseline=baseline)["m"]
+            (row,) = [r for r in rows if int(r["query"]) == query and r["method"] == method]
+            assert float(row["deletion_auc"]) == pytest.approx(score.deletion.auc, abs=1e-5)
+            assert float(row["insertion_auc"]) == pytest.approx(score.insertion.auc, abs=1e-5)
+            assert float(row["pointing"]) == pytest.approx(score.pointing, abs=1e-5)
+    # stored maps that are not what the model draws now are refused, not scored
+    from detr_viz.errors import DetrVizError
+    from detr_viz.evaluation import _tokens_of, stored_maps
+    from detr_viz.results import ResultStore
+
+    stored = stored_maps(ResultStore(out), photo.resolve(), RAW)[1]
+    assert _tokens_of(model, analysis, RAW, queries, stored, photo).shape == (7, 126)
+    with pytest.raises(DetrVizError, match="not the model's now"):
+        _tokens_of(model, analysis, RAW, queries, stored[:, ::-1], photo)
+    # other weights under the same name: the photo is skipped and says why
+    tiny_model("rt_detr", seed=1, dtype=torch.float32).save_pretrained(folder)
+    for name in (out / "photos").glob("*/eval-*.json"):
+        name.unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--steps", "3", "--bootstrap", "50"]) != 0
+    assert "evaluate with the same model and checkpoint" in capsys.readouterr().err
