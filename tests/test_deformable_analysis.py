@@ -50,21 +50,35 @@ def save(family: str, folder, **extra):
     return folder
 
 
+def saved(tmp_path_factory) -> dict:
+    """family -> a folder holding its tiny model and processor (every family)."""
+    return {f: save(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+
+
+def random_photo(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+
+
+def analysed(folders: dict, photo: Image.Image) -> dict:
+    """family -> (its model loaded in float64, the model's analysis of ``photo``)."""
+    models = {f: load_family(folders[f], dtype=torch.float64) for f in FAMILIES}
+    return {f: (models[f], analyze(models[f], photo)) for f in FAMILIES}
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {f: save(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+    return saved(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def photo():
-    rng = np.random.default_rng(5)
-    return Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    return random_photo(5)
 
 
 @pytest.fixture(scope="module")
 def analyses(folders, photo):
-    models = {f: load_family(folders[f], dtype=torch.float64) for f in FAMILIES}
-    return {f: (models[f], analyze(models[f], photo)) for f in FAMILIES}
+    return analysed(folders, photo)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

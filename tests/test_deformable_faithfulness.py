@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from PIL import Image
-from test_deformable_analysis import FAMILIES, save
+from test_deformable_analysis import FAMILIES, analysed, random_photo, saved
 
 from detr_viz import analyze, faithfulness
 from detr_viz.deformable import model_inputs
@@ -34,17 +33,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def photo():
-    rng = np.random.default_rng(11)
-    return Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    return random_photo(11)
 
 
 @pytest.fixture(scope="module")
 def analyses(tmp_path_factory, photo):
-    out = {}
-    for family in FAMILIES:
-        model = load_family(save(family, tmp_path_factory.mktemp(family)), dtype=torch.float64)
-        out[family] = (model, analyze(model, photo))
-    return out
+    return analysed(saved(tmp_path_factory), photo)
 
 
 def plain_run(model, photo, levels) -> torch.Tensor:
