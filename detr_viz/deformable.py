@@ -434,16 +434,9 @@ class DeformableAnalysis(Analysis):
         """(n, h, w) float32 on :attr:`grid`: each query's sampling weights in ``layer`` and
         ``head`` (None: the mean of heads), splatted as the sampler read them, of one
         ``level`` or all."""
-        queries = self.checked_queries(queries)
         if term is not None:
             raise ArgumentError(f"{self.spec.architecture} has no {term!r} attention term.")
-        self._level(level)
-        stack = self.capture.decoder
-        layer = self._layer_index(layer, stack.weights.shape[0])
-        maps = [self.on_grid(splat(stack, self.level_shapes, q, layer, head), level)
-                for q in queries]
-        return np.stack(maps).astype(np.float32) if maps else np.zeros((0, *self.feature_hw),
-                                                                       np.float32)
+        return self.drawn(self.decoder_tokens(queries, layer, head, level), level)
 
     def decoder_attention(self, query: int, layer: int = -1, head: int | None = None,
                           term: str | None = None, level: int | None = None) -> np.ndarray:
@@ -467,6 +460,14 @@ class DeformableAnalysis(Analysis):
     def num_tokens(self) -> int:
         """S: the tokens of every level."""
         return sum(h * w for h, w in self.level_shapes)
+
+    def drawn(self, values: np.ndarray, level: int | None = None) -> np.ndarray:
+        """(n, S) token values -> (n, h, w) float32 maps on :attr:`grid` (:meth:`on_grid`, one
+        ``level`` or all): how every decoder map of these models is drawn."""
+        if not len(values):
+            return np.zeros((0, *self.feature_hw), np.float32)
+        return np.stack([self.on_grid(self.token_levels(v), level) for v in values]).astype(
+            np.float32)
 
     def only_level(self, values: np.ndarray, level: int | None) -> np.ndarray:
         """(..., S) token values with every level but ``level`` set to 0 (None: unchanged)."""

@@ -113,13 +113,7 @@ class DeformableRollout:
     def decoder_maps(self, queries, level: int | None = None) -> np.ndarray:
         """(n, h, w) float32 on the analysis' grid: each query's tokens, level by level, spread
         over the finest grid as the raw maps are (one ``level``, or all summed)."""
-        a = self.analysis
-        h, w = a.feature_hw
-        if level is not None:
-            a._checked("level", level, a.num_levels)
-        rows = self.token_maps(queries)
-        return np.stack([a.on_grid(a.token_levels(r), level) for r in rows]).astype(
-            np.float32) if len(rows) else np.zeros((0, h, w), np.float32)
+        return self.analysis.drawn(self.decoder_tokens(queries, level), level)
 
     def encoder_map(self, point: tuple[float, float], direction: Direction = INCOMING,
                     level: int = 0) -> np.ndarray:

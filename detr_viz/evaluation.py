@@ -113,8 +113,7 @@ def _tokens_of(model, analysis, method: str, queries: list[int], stored: np.ndar
     """A deformable model's token values (n, S) behind the maps ``analyze`` stored (last
     layer, mean of heads, every level: what it draws), checked to draw those maps."""
     values = decoder_tokens(Explainer(model, analysis), method, queries)
-    drawn = np.stack([analysis.on_grid(analysis.token_levels(v), None) for v in values]) \
-        if len(values) else np.zeros_like(stored)
+    drawn = analysis.drawn(values)
     if drawn.shape != stored.shape or not np.allclose(drawn, stored, rtol=1e-4,
                                                       atol=1e-6 * max(np.abs(stored).max(), 1)):
         raise DetrVizError(f"{source}'s stored {method} maps are not the model's now: evaluate "

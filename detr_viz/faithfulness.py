@@ -179,7 +179,8 @@ class _Tokens:
             self.valid = torch.from_numpy(analysis.photo_tokens())
             self.empty = torch.empty_like(self.flat)
             ends = np.cumsum([0] + [h * w for h, w in analysis.inputs.shapes])
-            for a, b in zip(ends[:-1], ends[1:], strict=True):  # each level's mean token
+            self.spans = list(zip(ends[:-1], ends[1:], analysis.inputs.shapes, strict=True))
+            for a, b, _ in self.spans:  # each level's mean token
                 inside = self.valid[(self.valid >= a) & (self.valid < b)]
                 self.empty[:, a:b] = self.flat[:, inside].mean(1, keepdim=True)
             self.map_shape = (int(ends[-1]),)
@@ -198,9 +199,7 @@ class _Tokens:
         levels."""
         if not self.analysis.sparse:
             return flat.reshape(self.analysis.inputs.src.shape[1:])
-        ends = np.cumsum([0] + [h * w for h, w in self.analysis.inputs.shapes])
-        return tuple(flat[:, a:b].reshape(-1, h, w) for a, b, (h, w) in zip(
-            ends[:-1], ends[1:], self.analysis.inputs.shapes, strict=True))
+        return tuple(flat[:, a:b].reshape(-1, h, w) for a, b, (h, w) in self.spans)
 
     def ends(self) -> list:
         """The unchanged tokens and the all-baseline tokens: every curve's two ends."""

@@ -21,9 +21,10 @@ from detr_viz import analyze, faithfulness
 from detr_viz.deformable import model_inputs
 from detr_viz.deformable_replay import SITES, deformable_replay
 from detr_viz.errors import ArgumentError
-from detr_viz.explain import RAW, ROLLOUT
+from detr_viz.explain import RAW, ROLLOUT, rollout
 from detr_viz.families import load_family
 from detr_viz.methods import Explainer, decoder_maps, decoder_tokens, replay_unavailable
+from detr_viz.sampling import splat
 
 from conftest import raises
 from deformable_models import hooks, small_processor
@@ -149,10 +150,18 @@ def test_a_map_without_weight_scores_as_the_random_order(analyses):
 
 @pytest.mark.parametrize("method", [RAW, ROLLOUT])
 @pytest.mark.parametrize("level", [None, 0, 2])
-def test_token_values_are_what_the_decoder_maps_draw(analyses, method, level):
+def test_token_values_are_each_levels_weights_and_draw_the_decoder_maps(analyses, method,
+                                                                         level):
     model, a = analyses["deformable_detr"]
     source = Explainer(model, a)
     values = decoder_tokens(source, method, [0, 3], layer=-1, head=None, level=level)
+    for v, query in zip(values, [0, 3], strict=True):  # from the capture directly
+        want = (splat(a.capture.decoder, a.level_shapes, query, a.num_decoder_layers - 1)
+                if method == RAW else a.token_levels(rollout(a).token_maps([query])[0]))
+        chosen = range(a.num_levels) if level is None else [level]
+        np.testing.assert_allclose(np.concatenate(
+            [want[i].numpy().ravel() if i in chosen else np.zeros(want[i].numel())
+             for i in range(a.num_levels)]), v, rtol=1e-12, atol=0)
     drawn = decoder_maps(source, method, [0, 3], layer=-1, head=None, level=level)
     for v, m in zip(values, drawn, strict=True):
         np.testing.assert_allclose(a.on_grid(a.token_levels(v), None), m, atol=1e-6)
