@@ -67,10 +67,12 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
     maps, spec = memo(key, build)
     charts.show(spec, key="decoder-grid")
     if shown:
-        scored = maps if not run.analysis.sparse else decoder_tokens(  # what they are drawn from
-            photo, run, method, queries, layer, head, level)
-        scores.score_row(run, photo, shown, dict(zip(queries, scored, strict=True)),
-                         tag(method, layer, head, level))
+        def scored():  # what the maps are drawn from: a deformable model's token values
+            values = maps if not run.analysis.sparse else decoder_tokens(
+                photo, run, method, queries, layer, head, level)
+            return dict(zip(queries, values, strict=True))
+
+        scores.score_row(run, photo, shown, scored, tag(method, layer, head, level))
         _overview(run, photo, shown, (layer, head), style)
 
 

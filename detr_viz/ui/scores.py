@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -17,9 +19,10 @@ from detr_viz.ui.resources import Photo, Run
 _WORDS = {1: "one", 2: "two", 3: "three"}
 
 
-def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np.ndarray],
-              method_tag: str) -> None:
-    """The buttons that compute, then a caption per shown map with its score once computed."""
+def score_row(run: Run, photo: Photo, shown: list[Detection],
+              maps: Callable[[], dict[int, np.ndarray]], method_tag: str) -> None:
+    """The buttons that compute, then a caption per shown map with its score once computed.
+    ``maps()``: query -> what to score (asked for only when the button is pressed)."""
     why = replay_unavailable(run.analysis, "Faithfulness scores delete and insert encoder "
                              "tokens and re-run the transformer")
     if why is not None:
@@ -40,8 +43,9 @@ def score_row(run: Run, photo: Photo, shown: list[Detection], maps: dict[int, np
                        width="stretch"):  # the table as wide as the column, not the label
         _ranking(run, photo, shown)
     if clicked:
+        scored = maps()
         for det in shown:
-            resources.scores(photo, run, det.query, {"map": maps[det.query]}, method_tag)
+            resources.scores(photo, run, det.query, {"map": scored[det.query]}, method_tag)
     base = resources.get_store(photo, run, "baseline").items.get("random")
     for col, det in zip(st.columns(len(shown)), shown, strict=True):
         found = resources.known_scores(photo, run, det.query, method_tag, "map")
