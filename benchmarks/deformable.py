@@ -131,8 +131,9 @@ def faithfulness_rows(family: str, model, work: Path) -> list[list[str]]:
     if not folder.exists():
         model.save_pretrained(folder)
     detector = load_model(checkpoint=folder)
-    a = analyze(detector, official_size_photo())
-    pixels = detector.processor(images=official_size_photo(), return_tensors="pt")
+    photo = official_size_photo()
+    a = analyze(detector, photo)
+    pixels = detector.processor(images=photo, return_tensors="pt")
     levels = [t[0] for t in a.inputs.tokens]
     base = faithfulness.random_baseline(detector, a)
     cases = {"plain forward (backbone included), 1 image":

@@ -170,10 +170,10 @@ class _Tokens:
 
     def __init__(self, analysis: Analysis, steps: int, seed: int = 0):
         self.analysis = analysis
+        if (why := replay_unavailable(analysis, "Faithfulness scores re-run the transformer "
+                                      "on deleted tokens")) is not None:
+            raise ArgumentError(why)
         if analysis.sparse:
-            if (why := replay_unavailable(analysis, "Faithfulness scores re-run the "
-                                          "transformer on deleted tokens")) is not None:
-                raise ArgumentError(why)
             levels = analysis.inputs.tokens  # (1, d, h_l, w_l) each
             self.flat = torch.cat([t[0].flatten(1) for t in levels], 1)  # (d, S)
             self.valid = torch.from_numpy(analysis.photo_tokens())
