@@ -15,21 +15,23 @@ import os
 import re
 import sys
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
+from detr_viz import memory
 from detr_viz.errors import ArgumentError
 
 T = TypeVar("T")
 BUDGET_ENV = "DETR_VIZ_CACHE_BYTES"
 DEFAULT_BUDGET = 2 * 2**30  # a laptop's share for photos, analyses and maps, beyond the models
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+HISTORY = 8  # pieces of work of a kind whose peak memory sets what the next one is given
 _ONE_BYTE_MODES = {"1", "L", "P"}  # Pillow stores every other mode in 2 (I;16) or 4 bytes a pixel
 
 
@@ -102,6 +104,15 @@ class ByteCache:
     changed in place after it was cached (a store that gained entries) is measured again with
     ``remeasure(key)``. Values are shared between callers: treat them as read-only.
 
+    The budget covers the memory work needs while it runs, not only what it leaves: a build
+    (and any block in ``working(kind)``) first evicts down to the budget less the most memory
+    a recent piece of work of its kind needed (its peak resident growth, measured by
+    ``watch``, :func:`detr_viz.memory.watch`; the last :data:`HISTORY` that took at least
+    ``work_seconds`` and ran alone), less what other work running now reserved. A DETR
+    analysis of a 12 MP photo needs ~300 MB while it runs and keeps ~45 MB, so a cache full
+    to its budget would otherwise overshoot it by that much at every new photo. Kinds: a tuple
+    key's first item (``("analysis", digest, ...)`` -> ``"analysis"``), or the key itself.
+
     ``after_work()`` (optional) is called, outside the cache's locks, after a build or a
     remeasured change that took at least ``work_seconds`` (work that allocated and freed
     memory) and after entries were evicted: the page gives freed memory back to the system
@@ -110,16 +121,22 @@ class ByteCache:
 
     def __init__(self, budget: int, measure: Callable[[object], int] = nbytes, *,
                  after_work: Callable[[], None] | None = None,
-                 work_seconds: float = 0.1) -> None:
+                 work_seconds: float = 0.1,
+                 watch: Callable[[], AbstractContextManager[memory.Watch]] = memory.watch,
+                 ) -> None:
         if not isinstance(budget, int) or budget <= 0:
             raise ArgumentError(f"budget must be a positive number of bytes, not {budget!r}.")
         self.budget = budget
         self._measure = measure
         self._after_work, self._work_seconds = after_work, work_seconds
+        self._watch = watch
         self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
         self._gates: dict[Hashable, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._needed: dict[Hashable, deque[int]] = {}  # per kind, the last works' peak growth
+        self._running: dict[object, dict] = {}  # work under way (to tell whether it ran alone)
         self.total = 0  # bytes of the entries held now
+        self.reserved = 0  # bytes set aside for work running now
         self.evictions = 0
 
     def get(self, key: Hashable, build: Callable[[], T]) -> T:
@@ -132,15 +149,46 @@ class ByteCache:
             found, value = self._lookup(key)  # built while this caller waited
             if found:
                 return value
-            evictions, start = self.evictions, time.perf_counter()
+            evictions = self.evictions
             try:
-                value = build()
+                with self.working(key[0] if isinstance(key, tuple) and key else key) as work:
+                    value = build()
                 self._store(key, value, self._measure(value))
             finally:
                 with self._lock:
                     self._gates.pop(key, None)
-            self._worked(time.perf_counter() - start, evictions)
+            self._worked(work.seconds, evictions)
         return value
+
+    def needed(self, kind: Hashable) -> int:
+        """Bytes set aside before work of ``kind``: the most that one of its recent pieces of
+        work measured (0 before the first)."""
+        with self._lock:
+            return max(self._needed.get(kind, ()), default=0)
+
+    @contextmanager
+    def working(self, kind: Hashable) -> Iterator[memory.Watch]:
+        """Room for work of ``kind`` (see the class): evict down to the budget less what it
+        will need, hold that back while the block runs, and measure what it needed."""
+        token = object()
+        with self._lock:
+            need = max(self._needed.get(kind, ()), default=0)
+            self.reserved += need
+            self._make_room()
+            for other in self._running.values():  # they see this one's memory too
+                other["alone"] = False
+            self._running[token] = state = {"alone": not self._running}
+        try:
+            with self._watch() as work:
+                yield work
+        finally:
+            with self._lock:
+                self.reserved -= need
+                del self._running[token]
+                # a lookup is not work; nor is a reading that other work shared (the resident
+                # size is the process's: it would charge this kind with their memory too)
+                if work.seconds >= self._work_seconds and state["alone"]:
+                    self._needed.setdefault(kind, deque(maxlen=HISTORY)).append(work.growth)
 
     def remeasure(self, key: Hashable, worked: float = 0.0) -> None:
         """Measure ``key``'s value again (nothing if it is gone), then evict down to budget.
@@ -197,8 +245,26 @@ class ByteCache:
             self.total += size
             self._evict(keep=key)
 
+    def _make_room(self) -> None:
+        """Before work: least recently used out until the entries and the reserved work fit
+        the budget, skipping entries still used elsewhere (a running script's photo and
+        analysis): dropping those frees nothing now and costs their recomputation later."""
+        evicted = True
+        while evicted and self.total + self.reserved > self.budget:
+            evicted = False  # another pass after any eviction: a value another entry
+            for key in list(self._items):  # referred to may be free to go now
+                if self.total + self.reserved <= self.budget:
+                    return
+                if sys.getrefcount(self._items[key][0]) > 2:  # more than the cache's tuple
+                    continue  # and this call's argument
+                self.total -= self._items.pop(key)[1]
+                self.evictions += 1
+                evicted = True
+
     def _evict(self, keep: Hashable) -> None:
-        while self.total > self.budget and len(self._items) > 1:
+        """Least recently used out until the entries and the reserved work fit the budget; the
+        newest entry (``keep``) always stays."""
+        while self.total + self.reserved > self.budget and len(self._items) > 1:
             oldest = next(iter(self._items))
             if oldest == keep:
                 self._items.move_to_end(keep)

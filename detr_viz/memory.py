@@ -1,6 +1,10 @@
-"""Give freed memory back to the system after heavy work (glibc's ``malloc_trim``).
+"""Give freed memory back to the system after heavy work (glibc's ``malloc_trim``), and
+measure how much memory a piece of work needs while it runs.
 
     release_soon()      # after an analysis, a rollout, an eviction: trims on a helper thread
+    with watch() as w:  # the process's resident memory sampled while the block runs
+        analyze(model, photo)
+    w.growth            # its peak above the start, bytes (0 where /proc is missing)
 
 A forward pass of DETR-DC5 on a 12 MP photo allocates several hundred MB of blocks that are
 freed when it ends; glibc keeps such blocks in its arenas for reuse (and raises its mmap
@@ -20,6 +24,9 @@ import ctypes
 import ctypes.util
 import os
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _ENV = "DETR_VIZ_MALLOC_TRIM"
 
@@ -74,3 +81,80 @@ def _work() -> None:
                 return
             _wanted = False
         release()
+
+
+# --- working memory ------------------------------------------------------------------------
+
+INTERVAL = 0.005  # seconds between two readings of the resident size while a watch is open
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_watches: set[Watch] = set()
+_sampler: threading.Thread | None = None
+_watch_lock = threading.Lock()
+
+
+def resident() -> int | None:
+    """This process's resident memory in bytes (``/proc/self/statm``), None where there is no
+    /proc (macOS, Windows)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Watch:
+    """The resident memory seen while a :func:`watch` block ran: ``growth`` is its peak above
+    the start (bytes), ``seconds`` how long the block took."""
+
+    def __init__(self) -> None:
+        self.start = resident()
+        self.peak = self.start or 0
+        self.began, self.seconds = time.perf_counter(), 0.0
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.start) if self.start is not None else 0
+
+    def _see(self, now: int | None) -> None:
+        if now is not None:
+            self.peak = max(self.peak, now)
+
+
+@contextmanager
+def watch() -> Iterator[Watch]:
+    """Sample the process's resident memory every :data:`INTERVAL` s while the block runs.
+
+    The reading is process-wide: work that other threads do at the same time counts too (an
+    over-estimate, never an under-estimate, of what the block needed), and a peak shorter than
+    the interval may be missed. One sampling thread serves every open watch and ends with the
+    last. Where :func:`resident` has no answer the growth is 0.
+    """
+    global _sampler
+    w = Watch()
+    if w.start is not None:
+        with _watch_lock:
+            _watches.add(w)
+            if _sampler is None:
+                _sampler = threading.Thread(target=_sample, name="detr-viz-watch", daemon=True)
+                _sampler.start()
+    try:
+        yield w
+    finally:
+        with _watch_lock:
+            _watches.discard(w)
+        w._see(resident())
+        w.seconds = time.perf_counter() - w.began
+
+
+def _sample() -> None:
+    global _sampler
+    while True:
+        with _watch_lock:
+            if not _watches:
+                _sampler = None  # under the lock: a later watch starts a new sampler
+                return
+            open_now = list(_watches)
+        now = resident()
+        for w in open_now:
+            w._see(now)
+        time.sleep(INTERVAL)

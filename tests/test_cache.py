@@ -12,14 +12,23 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from detr_viz import analyze, explain
-from detr_viz.cache import BUDGET_ENV, DEFAULT_BUDGET, ByteCache, budget_from_env, nbytes
+from detr_viz import analyze, explain, memory
+from detr_viz.cache import (
+    BUDGET_ENV,
+    DEFAULT_BUDGET,
+    HISTORY,
+    ByteCache,
+    budget_from_env,
+    nbytes,
+)
 from detr_viz.errors import ArgumentError
 
 from conftest import photo, recipe_model, small_analysis
@@ -148,6 +157,108 @@ def test_after_work_follows_long_builds_long_changes_and_evictions_only():
     assert len(calls) == 2
     cache.get("big", lambda: sized(950))  # quick, but quick and slow go
     assert len(calls) == 3 and cache.evictions == 2
+
+
+class Planned:
+    """A stand-in for memory.watch: each work "needs" the growth planned for it."""
+
+    def __init__(self):
+        self.growth, self.seconds = 0, 1.0
+
+    def __call__(self):
+        @contextmanager
+        def watch():
+            yield SimpleNamespace(growth=self.growth, seconds=self.seconds)
+
+        return watch()
+
+
+def test_work_is_given_the_room_its_kind_needed_before_it_starts():
+    """A build first evicts down to the budget less the most its kind needed lately (an
+    analysis needs far more while it runs than it keeps)."""
+    planned = Planned()
+    cache = ByteCache(1000, measure=measured, watch=planned)
+    cache.get(("photo", 1), lambda: sized(200))
+    planned.growth = 600  # what the first analysis needed while it ran
+    cache.get(("analysis", 1), lambda: sized(100))
+    assert cache.needed("analysis") == 600 and cache.needed("photo") == 0
+    planned.growth = 0
+    cache.get(("photo", 2), lambda: sized(200))
+    assert cache.total == 500  # within the budget: nothing went so far
+
+    def second():  # 500 + 600 > 1000: the least recent (photo 1) went before this ran
+        assert [k for k, _ in cache.sizes()] == [("analysis", 1), ("photo", 2)]
+        assert cache.reserved == 600
+        cache.get("other session", lambda: sized(150))  # another store meanwhile: room kept
+        assert ("analysis", 1) not in cache and cache.total + cache.reserved <= 1000
+        return sized(100)
+
+    cache.get(("analysis", 2), second)
+    assert cache.reserved == 0 and cache.evictions == 2
+    assert [k for k, _ in cache.sizes()] == [("photo", 2), "other session", ("analysis", 2)]
+
+
+def test_room_for_work_is_not_made_by_dropping_what_a_running_script_still_holds():
+    """Dropping a value someone still uses frees nothing (and costs its recomputation later):
+    room is made from the values nobody else holds, including those freed by an earlier drop
+    (a rollout that held its analysis)."""
+    planned = Planned()
+    cache = ByteCache(1000, measure=measured, watch=planned)
+    in_use = cache.get(("photo", 1), lambda: sized(300))  # the running script's photo
+    held = cache.get(("analysis", 1), lambda: sized(300))
+    cache.get(("rollout", 1), held[:100].view)  # a view: it holds the analysis
+    del held
+    planned.growth = 700
+    with cache.working("big"):
+        pass
+    with cache.working("big"):  # 700 + 700 > 1000: only the photo in use may stay
+        assert [k for k, _ in cache.sizes()] == [("photo", 1)]
+    assert cache.evictions == 2 and in_use.nbytes == 300
+
+
+def test_what_a_kind_needs_is_the_most_of_its_recent_work_and_lookups_do_not_count():
+    planned = Planned()
+    cache = ByteCache(10**6, measure=measured, watch=planned, work_seconds=0.5)
+    planned.growth = 700
+    cache.get(("analysis", 0), lambda: sized(1))
+    planned.growth, planned.seconds = 5, 0.01  # quick: a lookup or a cheap value, not work
+    with cache.working("analysis"):
+        pass
+    assert cache.needed("analysis") == 700
+    planned.seconds = 1.0
+    for i in range(HISTORY - 1):
+        cache.get(("analysis", i + 1), lambda: sized(1))
+    assert cache.needed("analysis") == 700  # still among the last HISTORY
+    cache.get(("analysis", "one more"), lambda: sized(1))
+    assert cache.needed("analysis") == 5
+    planned.growth = 900
+    with pytest.raises(ZeroDivisionError), cache.working("analysis"):
+        raise ZeroDivisionError("failed half-way: it was work too")
+    assert cache.needed("analysis") == 900 and cache.reserved == 0
+
+
+def test_a_reading_shared_with_other_work_is_not_charged_to_either():
+    """The resident size is the process's: work that overlapped other work measured both."""
+    planned = Planned()
+    cache = ByteCache(10**6, measure=measured, watch=planned)
+    planned.growth = 300
+    cache.get(("analysis", 1), lambda: sized(1))  # alone: counts
+    planned.growth = 800
+    with cache.working("rollout"):  # another session's analysis starts meanwhile
+        cache.get(("analysis", 2), lambda: sized(1))
+    assert cache.needed("analysis") == 300 and cache.needed("rollout") == 0
+
+
+def test_the_page_cache_sets_aside_what_a_real_analysis_needed():
+    """With the real watch (Linux): an R50 analysis of an official-size photo grows the
+    resident memory by far more than it keeps, and the next one gets that room."""
+    if memory.resident() is None:
+        pytest.skip("reads /proc/self/statm (Linux): elsewhere the cache sets no room aside")
+    model, image = recipe_model("detr_resnet50"), photo(1066, 800)
+    memory.release()  # free pages the heap kept from earlier tests would hide the growth
+    cache = ByteCache(10 * 2**30, work_seconds=0.0)
+    kept = nbytes(cache.get(("analysis", 1), lambda: analyze(model, image)))
+    assert cache.needed("analysis") > kept + 20 * MB
 
 
 def test_a_failed_build_caches_nothing_and_the_next_caller_builds():

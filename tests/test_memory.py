@@ -76,3 +76,37 @@ def test_turned_off_by_the_environment():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, env={"DETR_VIZ_MALLOC_TRIM": "0", "PATH": ""}).stdout
     assert out.split() == ["False", "False"]
+
+
+PROC = memory.resident() is not None
+
+
+@pytest.mark.skipif(not PROC, reason="reads /proc/self/statm (Linux): elsewhere watch() "
+                                     "measures nothing and the cache sets no room aside")
+def test_watch_sees_a_peak_that_is_gone_when_the_block_ends():
+    import threading
+    import time
+
+    import numpy as np
+
+    with memory.watch() as w:
+        block = np.ones(200 * 2**20 // 8)  # 200 MB, every page touched
+        time.sleep(5 * memory.INTERVAL)
+        del block  # freed (an mmap of its own): the resident memory is back down
+        time.sleep(5 * memory.INTERVAL)
+    assert 190 * 2**20 < w.growth < 260 * 2**20
+    assert memory.resident() - w.start < 50 * 2**20  # the peak was seen while it lasted
+    assert w.seconds >= 10 * memory.INTERVAL
+    for _ in range(100):  # the sampler ends with the last watch
+        if memory._sampler is None:
+            break
+        time.sleep(0.01)
+    assert memory._sampler is None
+    assert "detr-viz-watch" not in {t.name for t in threading.enumerate()}
+
+
+def test_without_proc_a_watch_measures_nothing(monkeypatch):
+    monkeypatch.setattr(memory, "resident", lambda: None)
+    with memory.watch() as w:
+        pass
+    assert w.growth == 0 and memory._sampler is None

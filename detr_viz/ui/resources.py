@@ -185,13 +185,15 @@ def get_store(photo: Photo, run: Run, what: str) -> Store:
 
 @contextmanager
 def editing(photo: Photo, run: Run, what: str) -> Iterator[Store]:
-    """The store, locked; measured again afterwards (what was added counts against the budget)."""
+    """The store, locked, with room made for the work the block does (the cache's
+    ``working``); measured again afterwards (what was added counts against the budget)."""
     key = _store_key(photo, run, what)
     store = cache().get(key, Store)
     with store.lock:
         start = time.perf_counter()
         try:
-            yield store
+            with cache().working(("store", what)):  # room for what the block computes
+                yield store
         finally:  # a computation that failed half-way may still have added entries
             cache().remeasure(key, worked=time.perf_counter() - start)
 
