@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 import zlib
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -245,19 +246,18 @@ async def explore(session: Session, photo: Path) -> None:
 
 
 async def long_session(session: Session, photos: list[Path], memory: Memory,
-                       server: Server) -> list[str]:
-    trail = []
+                       server: Server, trail: list[str]) -> None:
+    """Drop each photo and click once; ``trail`` gets "RSS/cache MiB" after each."""
     for i, photo in enumerate(photos):
         await session.drop(photo)
         await session.click(0.3 + 0.05 * (i % 8), 0.4)
         await session.check(f"photo {i}", photo.name)
         cache = server.records()[-1].get("cache_bytes", 0)
         trail.append(f"{memory.now() / MB:.0f}/{cache / MB:.0f}")
-    return trail
 
 
-async def hostile(session: Session, files: list[Path]) -> list[list[str]]:
-    rows = []
+async def hostile(session: Session, files: list[Path], rows: list[list[str]]) -> None:
+    """Drop each file (clicking the corners of any that shows); ``rows`` gets each outcome."""
     for path in files:
         outcome = await session.drop(path)
         if outcome == "shown":
@@ -265,7 +265,19 @@ async def hostile(session: Session, files: list[Path]) -> list[list[str]]:
                 await session.click(*corner)
         await session.check(path.name)
         rows.append([path.name, f"{path.stat().st_size / 1024:.0f} KiB", outcome])
-    return rows
+
+
+@asynccontextmanager
+async def phase_failure(session: Session, work: Path, name: str):
+    """A phase that fails (the benchmark's own timeout, say) is an error of its session, with a
+    screenshot of its page, and the run goes on to the next phase."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - reported as the phase's error, not hidden
+        shot = work / f"failed-{name}-{os.getpid()}.png"
+        await session.page.screenshot(path=str(shot), full_page=True)
+        session.errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:120]} "
+                              f"(screenshot {shot})")
 
 
 # ----------------------------------------------------------------------------- run
@@ -281,17 +293,30 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
         await first.page.context.close()
         start_rss = memory.now()
         memory.mark()
+        start_models = max((r.get("model_bytes", 0) for r in server.records()), default=0)
+        phase_began = time.time()
 
         def row(phase: str, sessions: list[Session], note: str = "") -> None:
-            records = server.records()
+            nonlocal budget, phase_began
+            records = [r for r in server.records() if r["wall"] >= phase_began]
+            phase_began = time.time()
             cache = max((r.get("cache_bytes", 0) for r in records), default=0)
-            nonlocal budget
+            models = max((r.get("model_bytes", 0) for r in records), default=0)
             budget = next((r["cache_budget"] for r in records if "cache_budget" in r), None)
+            # the goal: the server stays under what it took without models, plus the models
+            # loaded (R50 at the start; DC5 too once a session switched), plus the budget
+            limit = start_rss - start_models + models + (budget or 0)
+            end, peak = memory.now(), memory.mark()
             firsts = ", ".join(f"{t:.1f}" for s in sessions for t in s.first[:1]) or "-"
             errors = [e for s in sessions for e in s.errors]
+            print(f"{phase}: end {end / MB:.0f} MiB, peak {peak / MB:.0f} MiB, limit "
+                  f"{limit / MB:.0f} MiB, cache peak {cache / MB:.0f} MiB, errors {errors}",
+                  flush=True)  # as it happens: a later phase may fail
             rows.append([phase, str(len(errors)) + (f" ({'; '.join(errors[:3])})" if errors
                                                      else ""),
-                         firsts, f"{memory.now() / MB:.0f} MiB", f"{memory.mark() / MB:.0f} MiB",
+                         firsts, f"{end / MB:.0f} MiB", f"{peak / MB:.0f} MiB",
+                         f"{limit / MB:.0f} MiB ({models / MB:.0f} of models)",
+                         f"{(end - limit) / MB:+.0f} / {(peak - limit) / MB:+.0f} MiB",
                          f"{cache / MB:.0f} MiB", note])
 
         photos = own_photos(work, args.sessions)
@@ -308,19 +333,26 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
             await s.page.context.close()
 
         long = await open_session(browser, server.url, "long", [])
-        trail = await long_session(long, long_photos(work, args.photos), memory, server)
+        trail: list[str] = []
+        async with phase_failure(long, work, "long"):
+            await long_session(long, long_photos(work, args.photos), memory, server, trail)
         row(f"1 session, {args.photos} photos", [long], "RSS/cache MiB after each photo: "
             + " ".join(trail))
         await long.page.context.close()
 
         bad = await open_session(browser, server.url, "hostile", [])
-        outcomes = await hostile(bad, hostile_files(work))
+        outcomes: list[list[str]] = []
+        async with phase_failure(bad, work, "hostile"):
+            await hostile(bad, hostile_files(work), outcomes)
         row("hostile uploads", [bad], f"{len(outcomes)} files")
         await browser.close()
-    print(f"Server RSS after start and one page (R50 loaded): {start_rss / MB:.0f} MiB; "
+    print(f"Server RSS after start and one page (R50 loaded): {start_rss / MB:.0f} MiB, of "
+          f"which models {start_models / MB:.0f} MiB; "
           f"cache budget: {budget / MB:.0f} MiB\n" if budget else "no byte cache\n")
+    print("limit: the RSS after start less its models, plus the models loaded during the phase, "
+          "plus the budget\n")
     print(table(["phase", "errors", "first heatmaps per session (s)", "RSS at end",
-                 "peak RSS", "cache peak", "what"], rows) + "\n")
+                 "peak RSS", "limit", "end / peak - limit", "cache peak", "what"], rows) + "\n")
     print(table(["hostile file", "size", "what the page showed"], outcomes) + "\n")
 
 

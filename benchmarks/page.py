@@ -95,7 +95,7 @@ class Server:
             [sys.executable, str(ROOT / "benchmarks" / "timed_server.py"), "app.py",
              "--server.headless", "true", "--server.address", "127.0.0.1",
              "--server.port", str(self.port), "--browser.gatherUsageStats", "false", *extra],
-            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            cwd=folder, env=env, stdout=self._output(), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -105,6 +105,13 @@ class Server:
                 time.sleep(0.5)
         self.close()
         raise RuntimeError("streamlit did not start")
+
+    @staticmethod
+    def _output():
+        """The server's output: to ``$DETR_VIZ_SERVER_LOG`` when set (a file, appended), else
+        discarded."""
+        path = os.environ.get("DETR_VIZ_SERVER_LOG")
+        return open(path, "ab") if path else subprocess.DEVNULL  # noqa: SIM115 - the child's
 
     @property
     def url(self) -> str:

@@ -6,7 +6,9 @@ Each script run, whole page or fragment, appends one JSON line: its server time 
 start of the script to its end, widgets, library calls, figure building and serialisation
 included), the bytes of the protobuf messages it queued for the browser (before the
 websocket's compression) and whether it was a fragment run, and the bytes the page's cache
-holds after it (``cache_bytes``, for load.py; absent for a checkout without the byte cache).
+holds after it (``cache_bytes``, for load.py; absent for a checkout without the byte cache)
+and the bytes of the models loaded then (``model_bytes``: parameters and buffers of every model
+``load_model`` returned that is still alive).
 Run as a file, not a module, so that it also serves an older checkout of the app (page.py's
 baseline).
 """
@@ -18,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 
 from streamlit.runtime.scriptrunner import script_runner
 from streamlit.web import cli
@@ -53,6 +56,38 @@ def _timed_run(self, rerun_data):
             log.write(json.dumps(record) + "\n")
 
 
+_models: list[weakref.ref] = []
+
+
+def _count_models() -> None:
+    """Wrap ``detr_viz.weights.load_model`` before the app imports it: every model it returns
+    is remembered (weakly: a model the page drops is freed as before)."""
+    try:
+        from detr_viz import weights
+    except ImportError:
+        return
+    load = weights.load_model
+
+    def counted(*args, **kwargs):
+        model = load(*args, **kwargs)
+        _models.append(weakref.ref(model))
+        return model
+
+    weights.load_model = counted
+
+
+def _model_bytes() -> int:
+    total, seen = 0, set()
+    for ref in _models:
+        model = ref()
+        for t in [] if model is None else [*model.parameters(), *model.buffers()]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
 def _cache_bytes() -> dict:
     try:
         from detr_viz.ui.resources import cache
@@ -60,7 +95,8 @@ def _cache_bytes() -> dict:
         held = cache()
     except Exception:  # an older checkout (no byte cache), or a budget that is not a size
         return {}
-    return {"cache_bytes": held.total, "cache_budget": held.budget, "evictions": held.evictions}
+    return {"cache_bytes": held.total, "cache_budget": held.budget, "evictions": held.evictions,
+            "model_bytes": _model_bytes()}
 
 
 def _counted_enqueue(self, msg):
@@ -72,5 +108,6 @@ _Runner._run_script = _timed_run
 _Runner._enqueue_forward_msg = _counted_enqueue
 
 if __name__ == "__main__":
+    _count_models()
     sys.argv = ["streamlit", "run", *sys.argv[1:]]
     sys.exit(cli.main())
