@@ -8,8 +8,10 @@ batch 1), in four variants, interleaved:
 - ``(a) modules``: ``fold_norms(False)``: every convolution, then its FrozenBatchNorm2d as a
   module (torchvision's order of operations; what detr-viz ran before);
 - ``(b) channels_last``: (a) with the weights and the input in channels_last memory format;
-- ``(c) norms folded``: each norm folded into its convolution on the fly (detr-viz's default);
-- ``(d) folded + channels_last``: (c) with the weights and the input in channels_last.
+- ``(c) norms folded``: each norm folded into its convolution on the fly (detr-viz's default
+  until 2026-12-07);
+- ``(d) folded + channels_last``: (c) with the weights and the input in channels_last
+  (detr-viz's default since).
 
 Agreement, on the same input: the float64 run of (c) against the float64 run of (a) (relative
 to the largest feature), and every variant's float32 output against the float64 run of (a):
@@ -53,7 +55,7 @@ def backbones(variant: str) -> dict[str, tuple[torch.nn.Module, bool]]:
     for key, fold, channels_last in (("a", False, False), ("b", False, True),
                                      ("c", True, False), ("d", True, True)):
         module = copy.deepcopy(backbone)
-        module.body.fold_norms(fold)
+        module.body.fold_norms(fold, channels_last)
         out[key] = (module.to(memory_format=CL) if channels_last else module, channels_last)
     return out
 

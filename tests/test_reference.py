@@ -6,13 +6,14 @@ Same recipe weights and input as the official run. Two checks per case:
   model's float64 run. Rounding is then ~1e-16 relative, so agreement to 1e-9 holds on any CPU
   and any faithful re-implementation passes it, while a wrong formula (a transposed map, an
   off-by-one scale) misses by orders of magnitude.
-- float32 (what users run): against the official float32 run, with tolerances derived from the
-  measured float32-vs-float64 spread of the reference itself. Both runs are float32 roundings of
-  the same computation, so |ours32 - ref32| <= |ours32 - ref64| + |ref32 - ref64|, and each term
-  is a float32 error of that computation. Measured on an Intel Xeon: our float32 error is
-  0.5x-1.6x the reference's own, and |ours32 - ref32| uses at most 43 % of the tolerance below;
-  an AMD EPYC was reported 1.5x away. ``F32_FACTOR`` = 4 times the reference's own spread (per
-  case and per output) leaves room for any x86 or ARM CPU. (float64: measured 1e-13 at worst.)
+- float32 (what users run): against our own float64 run of the same input in the same test
+  (which the float64 oracle ties to the official one), never against the official float32
+  numbers, which are another CPU's rounding. The tolerance is ``F32_FACTOR`` = 4 times the
+  reference's own float32 error ``|ref32 - ref64|`` (per case and per output): how far a
+  float32 run of this computation lands from float64. Measured on an AMD EPYC (2026-12-07):
+  our float32 error uses at most 71 % of it with the backbone's default channels-last
+  convolutions, 61 % with the usual layout; against the official float32 numbers (the old
+  target) the same runs used up to 69 % / 84 %. (float64: measured 1e-13 at worst.)
 """
 
 from __future__ import annotations
@@ -119,20 +120,20 @@ def f32_tolerance(ref32, ref64, key: str) -> float:
 
 
 def test_float32_predictions_and_attention_match_official(case):
-    ref32, ref64, ours, _ = case
+    ref32, ref64, ours, ours64 = case
     assert ours["pred_logits"].dtype == torch.float32
     for key in ("pred_logits", "pred_boxes", *ATTENTION):
         atol = f32_tolerance(ref32, ref64, key)
-        torch.testing.assert_close(ours[key], ref32[key], atol=atol, rtol=0, msg=key)
+        torch.testing.assert_close(ours[key].double(), ours64[key], atol=atol, rtol=0, msg=key)
 
 
 def test_float32_features_and_columns_match_official(case):
-    ref32, ref64, ours, _ = case
+    ref32, ref64, ours, ours64 = case
     for key in ("feature_sum", "feature_abs_mean"):
         spread = abs((ref32[key].double() - ref64[key]) / ref64[key]).item()
         rtol = F32_FACTOR * max(spread, 1e-7)
-        torch.testing.assert_close(ours[key], ref32[key], atol=0, rtol=rtol, msg=key)
+        torch.testing.assert_close(ours[key].double(), ours64[key], atol=0, rtol=rtol, msg=key)
     atol = f32_tolerance(ref32, ref64, "enc_attn_mean")
     for layer in range(6):
-        torch.testing.assert_close(ours["enc_columns"][layer], ref32["enc_attn_mean"][layer],
-                                   atol=atol, rtol=0)
+        torch.testing.assert_close(ours["enc_columns"][layer].double(),
+                                   ours64["enc_columns"][layer], atol=atol, rtol=0)

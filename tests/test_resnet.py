@@ -78,17 +78,38 @@ def test_unfolded_float32_is_torchvision_bit_for_bit(pair, one_torch_thread):
 
 
 def test_folded_float32_is_as_close_to_float64_as_torchvision(pair, pair64, one_torch_thread):
-    """Folding reorders float32 rounding; it must not add to it. Compared on the same CPU,
-    so the bound is a ratio: mean |float32 - float64| folded / unfolded was 0.98-1.02 (R50,
-    DC5, R101); channels_last convolutions (brgemm kernels) were 1.9x, and fail this."""
+    """Folding reorders float32 rounding; it must not add to it, and the channels-last
+    convolutions (the default) may add at most a few times torchvision's own float32 error.
+    Compared on the same CPU in the same test, so the bounds are ratios: mean |float32 -
+    float64| folded / unfolded was 0.98-1.02 (R50, DC5, R101), folded + channels-last 1.26-1.35
+    on an AMD EPYC and 1.9 on an earlier machine's kernels."""
     ours, _ = pair
     ours64, _ = pair64
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = ours64.fold_norms(False)(x.double())
-        folded = ours.fold_norms(True)(x).double()
+        folded = ours.fold_norms(True, channels_last=False)(x).double()
+        fast = ours.fold_norms(True)(x).double()
         modules = ours.fold_norms(False)(x).double()
-    assert (folded - ref).abs().mean() <= 1.25 * (modules - ref).abs().mean()
+    error = (modules - ref).abs().mean()
+    assert (folded - ref).abs().mean() <= 1.25 * error
+    assert (fast - ref).abs().mean() <= 3.0 * error
+
+
+def test_channels_last_runs_inside_the_body_and_the_features_leave_in_the_usual_layout(
+        one_torch_thread):
+    body = build_model("detr_resnet50").backbone[-2].body
+    seen = []
+    hook = body.layer1.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        out = body(x)
+        usual = body.fold_norms(True, channels_last=False)(x)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous() and seen[1].is_contiguous()
+    assert out.is_contiguous() and out.shape == usual.shape == (1, 2048, 2, 3)
+    out.view(1, 2048, -1)  # a view, as notebooks take one, works on the features
 
 
 def test_hooks_on_backbone_and_stages_see_the_same_features_folded_or_not(one_torch_thread):
