@@ -108,7 +108,8 @@ class ByteCache:
     (and any block in ``working(kind)``) first evicts down to the budget less the most memory
     a recent piece of work of its kind needed (its peak resident growth, measured by
     ``watch``, :func:`detr_viz.memory.watch`; the last :data:`HISTORY` that took at least
-    ``work_seconds`` and ran alone), less what other work running now reserved. A DETR
+    ``work_seconds`` and ran alone; until one has, the least a reading shared with other work
+    showed), less what other work running now reserved. A DETR
     analysis of a 12 MP photo needs ~300 MB while it runs and keeps ~45 MB, so a cache full
     to its budget would otherwise overshoot it by that much at every new photo. Kinds: a tuple
     key's first item (``("analysis", digest, ...)`` -> ``"analysis"``), or the key itself.
@@ -135,6 +136,7 @@ class ByteCache:
         self._lock = threading.Lock()
         self._needed: dict[Hashable, deque[int]] = {}  # per kind, the last works' peak growth
         self._running: dict[object, dict] = {}  # work under way (to tell whether it ran alone)
+        self._shared: dict[Hashable, int] = {}  # per kind, the least a shared reading showed
         self.total = 0  # bytes of the entries held now
         self.reserved = 0  # bytes set aside for work running now
         self.evictions = 0
@@ -162,9 +164,14 @@ class ByteCache:
 
     def needed(self, kind: Hashable) -> int:
         """Bytes set aside before work of ``kind``: the most that one of its recent pieces of
-        work measured (0 before the first)."""
+        work measured alone; until one has, the least that one measured beside other work (an
+        over-estimate, better than none); 0 before the first."""
         with self._lock:
-            return max(self._needed.get(kind, ()), default=0)
+            return self._need(kind)
+
+    def _need(self, kind: Hashable) -> int:
+        alone = self._needed.get(kind)
+        return max(alone) if alone else self._shared.get(kind, 0)
 
     @contextmanager
     def working(self, kind: Hashable) -> Iterator[memory.Watch]:
@@ -172,7 +179,7 @@ class ByteCache:
         will need, hold that back while the block runs, and measure what it needed."""
         token = object()
         with self._lock:
-            need = max(self._needed.get(kind, ()), default=0)
+            need = self._need(kind)
             self.reserved += need
             self._make_room()
             for other in self._running.values():  # they see this one's memory too
@@ -189,6 +196,8 @@ class ByteCache:
                 # size is the process's: it would charge this kind with their memory too)
                 if work.seconds >= self._work_seconds and state["alone"]:
                     self._needed.setdefault(kind, deque(maxlen=HISTORY)).append(work.growth)
+                elif work.seconds >= self._work_seconds:
+                    self._shared[kind] = min(self._shared.get(kind, work.growth), work.growth)
 
     def remeasure(self, key: Hashable, worked: float = 0.0) -> None:
         """Measure ``key``'s value again (nothing if it is gone), then evict down to budget.

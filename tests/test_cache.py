@@ -246,7 +246,16 @@ def test_a_reading_shared_with_other_work_is_not_charged_to_either():
     planned.growth = 800
     with cache.working("rollout"):  # another session's analysis starts meanwhile
         cache.get(("analysis", 2), lambda: sized(1))
-    assert cache.needed("analysis") == 300 and cache.needed("rollout") == 0
+    assert cache.needed("analysis") == 300  # its reading alone stands
+    assert cache.needed("rollout") == 800  # no reading alone yet: the shared one, for now
+    planned.growth = 500
+    with cache.working("rollout"), cache.working("photo"):
+        pass
+    assert cache.needed("rollout") == 500  # the least of the shared readings
+    planned.growth = 200
+    with cache.working("rollout"):
+        pass
+    assert cache.needed("rollout") == 200  # one alone replaces them
 
 
 def test_the_page_cache_sets_aside_what_a_real_analysis_needed():
