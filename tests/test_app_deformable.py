@@ -172,6 +172,7 @@ def test_faithfulness_scores_the_shown_level_and_ranks_the_methods_that_apply(
     assert_clean(page)
     table = page.dataframe[0].value
     assert set(table["method"]) == {explain.RAW, explain.ROLLOUT, "random order"}
+    assert list(table["rank"]) == ["1", "2", "baseline"]  # the random row is not ranked
     roll = faithfulness.score_maps(model, a, shown[0], {"map": explain.rollout(a).decoder_tokens(
         [shown[0]], level=1)[0]}, baseline=base)["map"]
     row = table[table["method"] == explain.ROLLOUT].iloc[0]

@@ -69,10 +69,11 @@ def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
     found = {m: resources.scores(photo, run, det.query, {"map": maps[m]},
                                  tag(m, layer, head, level))["map"] for m in chosen}
     random = resources.baseline(photo, run).curves(det.query, found[RAW].label)
-    rows = [{"rank": i + 1, "method": m, "deletion AUC (lower is better)": found[m].deletion.auc,
+    rows = [{"rank": str(i + 1), "method": m,  # text: the random row says "baseline"
+             "deletion AUC (lower is better)": found[m].deletion.auc,
              "insertion AUC (higher is better)": found[m].insertion.auc,
              "in the box": found[m].pointing} for i, m in enumerate(ranking(found))]
-    rows.append({"rank": None, "method": "random order", "deletion AUC (lower is better)":
+    rows.append({"rank": "baseline", "method": "random order", "deletion AUC (lower is better)":
                  random[0].auc, "insertion AUC (higher is better)": random[1].auc,
                  "in the box": None})
     st.dataframe(rows, hide_index=True)
