@@ -84,15 +84,17 @@ PROC = memory.resident() is not None
 @pytest.mark.skipif(not PROC, reason="reads /proc/self/statm (Linux): elsewhere watch() "
                                      "measures nothing and the cache sets no room aside")
 def test_watch_sees_a_peak_that_is_gone_when_the_block_ends():
+    import mmap
     import threading
     import time
 
-    import numpy as np
-
+    size = 200 * 2**20
     with memory.watch() as w:
-        block = np.ones(200 * 2**20 // 8)  # 200 MB, every page touched
+        # fresh pages of their own (a malloc could reuse heap pages earlier tests left resident)
+        block = mmap.mmap(-1, size)
+        block[::mmap.PAGESIZE] = b"x" * (size // mmap.PAGESIZE)  # touch every page
         time.sleep(5 * memory.INTERVAL)
-        del block  # freed (an mmap of its own): the resident memory is back down
+        block.close()  # unmapped: the resident memory is back down
         time.sleep(5 * memory.INTERVAL)
     assert 190 * 2**20 < w.growth < 260 * 2**20
     assert memory.resident() - w.start < 50 * 2**20  # the peak was seen while it lasted
