@@ -109,10 +109,10 @@ class ByteCache:
     a recent piece of work of its kind needed (its peak resident growth, measured by
     ``watch``, :func:`detr_viz.memory.watch`; the last :data:`HISTORY` that took at least
     ``work_seconds`` and ran alone; until one has, the least a reading shared with other work
-    showed), less what other work running now reserved. A DETR
-    analysis of a 12 MP photo needs ~300 MB while it runs and keeps ~45 MB, so a cache full
-    to its budget would otherwise overshoot it by that much at every new photo. Kinds: a tuple
-    key's first item (``("analysis", digest, ...)`` -> ``"analysis"``), or the key itself.
+    showed), less what other work running now reserved. A DETR analysis of a 12 MP photo needs
+    ~300 MB while it runs and keeps ~45 MB, so a cache full to its budget would otherwise
+    overshoot it by that much at every new photo. Kinds: a tuple key's first item
+    (``("analysis", digest, ...)`` -> ``"analysis"``), or the key itself.
 
     ``after_work()`` (optional) is called, outside the cache's locks, after a build or a
     remeasured change that took at least ``work_seconds`` (work that allocated and freed

@@ -124,10 +124,11 @@ class Watch:
 def watch() -> Iterator[Watch]:
     """Sample the process's resident memory every :data:`INTERVAL` s while the block runs.
 
-    The reading is process-wide: work that other threads do at the same time counts too (an
-    over-estimate, never an under-estimate, of what the block needed), and a peak shorter than
-    the interval may be missed. One sampling thread serves every open watch and ends with the
-    last. Where :func:`resident` has no answer the growth is 0.
+    The reading is process-wide: work that other threads do at the same time counts too (too
+    much), while memory the allocator already holds and hands out again does not show as growth
+    and a peak shorter than the interval may be missed (too little). One sampling thread serves
+    every open watch and ends with the last. Where :func:`resident` has no answer the growth
+    is 0.
     """
     global _sampler
     w = Watch()

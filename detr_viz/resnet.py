@@ -20,9 +20,8 @@ another order and land a little further from float64: 1.26-1.35x the unfolded bo
 error there (1.9x on an earlier machine; tests/test_resnet.py allows 3x, measured on the same
 CPU in the same test); float64 is unchanged. ``fold_norms(True, channels_last=False)`` keeps
 the usual layout. ``ResNet.fold_norms(False)`` restores torchvision's order of operations bit
-for bit; only then
-do hooks on the individual convolution and norm modules fire (hooks on the body, its stages and
-blocks, and on ``model.backbone[-2]``, fire either way).
+for bit; only then do hooks on the individual convolution and norm modules fire (hooks on the
+body, its stages and blocks, and on ``model.backbone[-2]``, fire either way).
 """
 
 from __future__ import annotations
