@@ -1,6 +1,6 @@
 """The batch command line: model load, per-photo cost, batch vs back-to-back, Ray overhead.
 
-    python -m benchmarks.batch [--quick] [--photos N] [--ray] [--threads N]
+    python -m benchmarks.batch [--quick] [--photos N] [--rounds R] [--ray] [--threads N]
 
 Stand-in (planted) R50 weights, photo-like JPEGs. Measures, in one process:
 - ``load``: :func:`detr_viz.load_model` of a checkpoint on disk (what each Ray worker pays once);
@@ -15,6 +15,7 @@ Stand-in (planted) R50 weights, photo-like JPEGs. Measures, in one process:
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def main() -> None:
     parser = common_arguments(__doc__.split("\n")[0], repeats=1, quick_repeats=1)
     parser.add_argument("--photos", type=int, default=6)
     parser.add_argument("--ray", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="back-to-back and batch alternated this many times (medians)")
     args = resolve(parser.parse_args())
     count = 3 if args.quick else args.photos
     print_header("Batches: load, per photo, Ray overhead", args)
@@ -67,18 +70,23 @@ def main() -> None:
         settings = BatchSettings("detr_resnet50", threshold=0.9, short_side=short,
                                  max_size=longest, checkpoint=str(checkpoint))
         analyze(model, photos[0], short_side=short, max_size=longest)  # warm-up
-        store = ResultStore(tmp / f"{label[:4]}-b2b")
-        start = time.perf_counter()
-        for path in photos:
-            analyse_photo(model, load_image(path), path, settings, store)
-        b2b = (time.perf_counter() - start) / count
-        start = time.perf_counter()
-        run_batch(photos, settings, ResultStore(tmp / f"{label[:4]}-batch"), lambda: model,
-                  log=lambda m: None, progress=_Quiet(count))
-        batch = (time.perf_counter() - start) / count
+        b2bs, batches = [], []
+        for round_ in range(args.rounds):  # interleaved: each round's ratio is side by side
+            store = ResultStore(tmp / f"{label[:4]}-b2b-{round_}")
+            start = time.perf_counter()
+            for path in photos:
+                analyse_photo(model, load_image(path), path, settings, store)
+            b2bs.append((time.perf_counter() - start) / count)
+            start = time.perf_counter()
+            run_batch(photos, settings, ResultStore(tmp / f"{label[:4]}-batch-{round_}"),
+                      lambda: model, log=lambda m: None, progress=_Quiet(count))
+            batches.append((time.perf_counter() - start) / count)
+        b2b, batch = statistics.median(b2bs), statistics.median(batches)
+        ratios = sorted(b / r for b, r in zip(b2bs, batches, strict=True))
         rows += [[f"back-to-back, {label}", f"{b2b:.3f} s/photo", ""],
                  [f"run_batch, {label}", f"{batch:.3f} s/photo",
-                  f"throughput {b2b / batch:.2f}x back-to-back"]]
+                  f"throughput {statistics.median(ratios):.2f}x back-to-back "
+                  f"({ratios[0]:.2f}-{ratios[-1]:.2f} over {args.rounds} rounds)"]]
         if args.ray:
             rows += _ray_rows(photos, settings, tmp / f"{label[:4]}-ray", count, batch, label)
         print("\n".join(table(["", "", ""], rows).splitlines()[2:]), flush=True)

@@ -77,15 +77,9 @@ def _count_models() -> None:
 
 
 def _model_bytes() -> int:
-    total, seen = 0, set()
-    for ref in _models:
-        model = ref()
-        for t in [] if model is None else [*model.parameters(), *model.buffers()]:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
+    from detr_viz import memory
+
+    return memory.module_bytes(m for m in (ref() for ref in _models) if m is not None)
 
 
 def _cache_bytes() -> dict:

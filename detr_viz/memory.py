@@ -83,6 +83,17 @@ def _work() -> None:
         release()
 
 
+def module_bytes(modules) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (``torch.nn.Module``), each storage
+    once (a weight two modules share, or a view, counts once)."""
+    sizes: dict[int, int] = {}
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            storage = tensor.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
 # --- working memory ------------------------------------------------------------------------
 
 INTERVAL = 0.005  # seconds between two readings of the resident size while a watch is open

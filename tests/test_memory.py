@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from detr_viz import memory
 
@@ -112,3 +113,15 @@ def test_without_proc_a_watch_measures_nothing(monkeypatch):
     with memory.watch() as w:
         pass
     assert w.growth == 0 and memory._sampler is None
+
+
+def test_module_bytes_counts_parameters_and_buffers_each_storage_once():
+    conv = torch.nn.Conv2d(3, 8, 3)  # 8*3*3*3 + 8 floats
+    norm = torch.nn.BatchNorm2d(8)  # weight, bias, mean, var (8 each) and a long counter
+    tied = torch.nn.Linear(4, 4, bias=False)
+    twin = torch.nn.Linear(4, 4, bias=False)
+    twin.weight = tied.weight  # shared: once
+    assert memory.module_bytes([conv]) == (216 + 8) * 4
+    assert memory.module_bytes([conv, norm]) == (224 + 32) * 4 + 8
+    assert memory.module_bytes([tied, twin, conv, conv]) == 16 * 4 + 224 * 4
+    assert memory.module_bytes([]) == 0
