@@ -176,7 +176,7 @@ def test_faithfulness_scores_the_shown_level_and_ranks_the_methods_that_apply(
     roll = faithfulness.score_maps(model, a, shown[0], {"map": explain.rollout(a).decoder_tokens(
         [shown[0]], level=1)[0]}, baseline=base)["map"]
     row = table[table["method"] == explain.ROLLOUT].iloc[0]
-    assert row["deletion AUC (lower is better)"] == pytest.approx(roll.deletion.auc, abs=1e-6)
+    assert row["deletion AUC"] == pytest.approx(roll.deletion.auc, abs=1e-6)
     assert row["in the box"] == pytest.approx(roll.pointing, abs=1e-6)
 
 

@@ -70,14 +70,28 @@ def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
                                  tag(m, layer, head, level))["map"] for m in chosen}
     random = resources.baseline(photo, run).curves(det.query, found[RAW].label)
     rows = [{"rank": str(i + 1), "method": m,  # text: the random row says "baseline"
-             "deletion AUC (lower is better)": found[m].deletion.auc,
-             "insertion AUC (higher is better)": found[m].insertion.auc,
+             "deletion AUC": found[m].deletion.auc, "insertion AUC": found[m].insertion.auc,
              "in the box": found[m].pointing} for i, m in enumerate(ranking(found))]
-    rows.append({"rank": "baseline", "method": "random order", "deletion AUC (lower is better)":
-                 random[0].auc, "insertion AUC (higher is better)": random[1].auc,
-                 "in the box": None})
-    st.dataframe(rows, hide_index=True)
+    rows.append({"rank": "baseline", "method": "random order", "deletion AUC": random[0].auc,
+                 "insertion AUC": random[1].auc, "in the box": None})
+    # short headers, so the table fits the popover; what each means is in its tooltip
+    st.dataframe(rows, hide_index=True, column_config=RANKING_COLUMNS)
     st.plotly_chart(curves_figure(found, random), key="rank-curves")
+
+
+RANKING_COLUMNS = {
+    "deletion AUC": st.column_config.NumberColumn(
+        "deletion AUC ↓", format="%.3f",
+        help="Lower is better: the class probability falls soon as the map's most important "
+             "tokens are deleted first."),
+    "insertion AUC": st.column_config.NumberColumn(
+        "insertion AUC ↑", format="%.3f",
+        help="Higher is better: the class probability comes back soon as the map's most "
+             "important tokens are inserted first."),
+    "in the box": st.column_config.NumberColumn(
+        "in the box", format="percent",
+        help="Share of the map's mass inside the detection's box (energy pointing game)."),
+}
 
 
 def describe(det: Detection) -> str:
