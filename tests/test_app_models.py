@@ -15,6 +15,7 @@ import torchvision
 from streamlit.testing.v1 import AppTest
 
 from detr_viz import analyze, explain, load_model
+from detr_viz.analysis import Analysis
 from detr_viz.display import display_to_original
 from detr_viz.model import build_model
 from detr_viz.spec import ModelSpec
@@ -224,6 +225,29 @@ def test_conditional_detr_on_the_page(family_page, family_dir):
     roll = explain.rollout(analysis).decoder_maps(queries[:1])[0]
     heat = [d for d in charts(page)["decoder-grid"]["data"] if d["type"] == "heatmap"][0]
     np.testing.assert_allclose(array(heat["z"]), roll, rtol=1e-4, atol=1e-7)
+
+
+def test_a_style_change_redraws_the_maps_without_computing_them_again(family_page,
+                                                                       monkeypatch):
+    """An opacity move reruns the whole page: the decoder's and the terms' figures are drawn
+    again with the new opacity from the maps computed before (the maps are kept apart from
+    the figures)."""
+    page = family_page
+    page.run()
+    pick(page, "conditional-detr")
+    assert_clean(page)
+    computed = []
+    original = Analysis.decoder_attentions
+    monkeypatch.setattr(Analysis, "decoder_attentions",
+                        lambda self, *a, **k: computed.append(a) or original(self, *a, **k))
+    next(s for s in page.sidebar.slider if s.label == "Opacity").set_value(0.3).run()
+    assert_clean(page)
+    assert computed == []
+    terms = json.loads(next(c.proto.spec for c in page.get("plotly_chart")
+                            if c.proto.id.endswith("terms")))
+    for figure in (charts(page)["decoder-grid"], terms):
+        overlays = [d for d in figure["data"] if d["type"] == "heatmap" and "opacity" in d]
+        assert overlays and {d["opacity"] for d in overlays} == {0.3}
 
 
 def test_dab_detr_anchors_and_a_comparison_with_detr(family_page, family_dir):

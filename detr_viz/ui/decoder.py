@@ -54,8 +54,10 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             _overview(run, photo, shown, (layer, head), style)
         return
 
-    def build():
-        maps = decoder_maps(photo, run, method, queries, layer, head, level)
+    def build():  # the maps kept apart from the figure: a style change only redraws
+        maps = memo(("decoder-maps", photo.digest, *run.key, method, layer, head, level,
+                     tuple(queries)),
+                    lambda: decoder_maps(photo, run, method, queries, layer, head, level))
         width, height = run.analysis.original_size  # rows as tall as a column's photo + title
         row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
         return maps, figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,

@@ -53,10 +53,13 @@ def family_section(run: Run, photo: Photo, threshold: float, style: dict) -> Non
         st.caption(TERMS_NOTE + f" The {len(kept)} best detections above the threshold.")
         layer, head = layers.current("dec", analysis)
 
-        def terms():
+        def term_maps():  # kept apart from the figure: a style change redraws, no more
             maps = {"full": analysis.decoder_attentions(list(queries), layer, head)}
-            maps |= {t: analysis.decoder_attentions(list(queries), layer, head, t)
-                     for t in analysis.terms}
+            return maps | {t: analysis.decoder_attentions(list(queries), layer, head, t)
+                           for t in analysis.terms}
+
+        def terms():
+            maps = memo(("terms-maps", photo.digest, *run.key, layer, head, queries), term_maps)
             small = memo(("terms-photo", photo.digest),
                          lambda: display_image(photo.image, TERMS_SIDE, TERMS_QUALITY))
             return terms_grid.spec(small, analysis.grid, kept, maps, **style)
