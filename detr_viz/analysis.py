@@ -168,8 +168,9 @@ class Analysis:
         labels = self.probabilities.argmax(axis=1)
         scores = self.scores
         boxes = self.boxes_xyxy()
-        kept = [int(q) for q in np.argsort(-scores, kind="stable") if scores[q] > threshold]
-        return [
+        order = np.argsort(-scores, kind="stable")
+        kept = order[scores[order] > threshold].tolist()  # asked on every rerun: no Python
+        return [                                           # loop over 300 queries
             Detection(q, int(labels[q]), class_name(self.labels, int(labels[q])), float(scores[q]),
                       tuple(float(v) for v in boxes[q]))
             for q in kept

@@ -159,6 +159,52 @@ def test_encoder_incoming_is_every_tokens_weight_on_the_clicked_cell(analyses):
         assert got.max() > 0
 
 
+def dense_weight_on_cell(xy, weights, sampler, cell, shape, head):
+    """Every point's share of ``cell`` computed for all points at once (the oracle)."""
+    (h, w), (row, col) = shape, cell
+    if head is not None:
+        xy, weights = xy[:, head:head + 1], weights[:, head:head + 1]
+    padding = np.isnan(xy[..., 0])
+    u = np.where(padding, -9.0, xy[..., 0] * w - 0.5)
+    v = np.where(padding, -9.0, xy[..., 1] * h - 0.5)
+    if sampler == "bilinear":
+        share = np.clip(1 - np.abs(u - col), 0, None) * np.clip(1 - np.abs(v - row), 0, None)
+    else:
+        share = ((np.clip(np.floor(u + 1), 0, w - 1) == col)
+                 & (np.clip(np.floor(v + 1), 0, h - 1) == row))
+    return (share * np.where(padding, 0.0, weights)).sum(axis=(-1, -2)) / xy.shape[1]
+
+
+@pytest.mark.parametrize("sampler", ["bilinear", "discrete"])
+def test_a_clicks_weight_per_token_reads_only_nearby_points_and_equals_the_dense_sum(sampler):
+    """The incoming map of a click looks up the points sorted by cell; every cell (edges and
+    corners included), with points outside the level, on cell borders and padding, equals
+    the sum over every point."""
+    from types import SimpleNamespace
+
+    from detr_viz.deformable import _weight_on_cell
+
+    rng = np.random.default_rng(0)
+    tokens, heads, levels, count, (h, w) = 40, 3, 2, 4, (5, 7)
+    xy = rng.uniform(-0.3, 1.3, (2, tokens, heads, levels, count, 2))  # some outside
+    xy[0, :5, :, 1, :, 0] = (np.arange(1, 6)[:, None, None] + 0.5) / w  # on cell centres
+    xy[0, 5:8, :, 1, :, 0] = 3 / w  # on a border between two cells
+    xy[1, 10:14, 1] = np.nan  # padding slots
+    weights = rng.uniform(0, 1, (2, tokens, heads, levels, count))
+    stack = SimpleNamespace(locations=torch.from_numpy(xy), weights=torch.from_numpy(weights),
+                            sampler=sampler)
+    shapes = ((9, 9), (h, w))
+    cached = {}
+    for layer in (0, 1):
+        for head in (None, 2):
+            for cell in [(r, c) for r in range(h) for c in range(w)]:
+                got = _weight_on_cell(cached, stack, layer, head, 1, cell, shapes).numpy()
+                want = dense_weight_on_cell(xy[layer][:, :, 1], weights[layer][:, :, 1],
+                                            sampler, cell, (h, w), head)
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert list(cached) == [("cells", 1, 1)]  # one (layer, level) kept at a time
+
+
 def test_encoder_outgoing_is_the_splat_of_the_token_under_the_point(analyses):
     _, a = analyses["deformable_detr"]
     for level in range(a.num_levels):
