@@ -168,9 +168,9 @@ class Analysis:
         labels = self.probabilities.argmax(axis=1)
         scores = self.scores
         boxes = self.boxes_xyxy()
-        order = np.argsort(-scores, kind="stable")
-        kept = order[scores[order] > threshold].tolist()  # asked on every rerun: no Python
-        return [                                           # loop over 300 queries
+        order = np.argsort(-scores, kind="stable")  # asked on every rerun of the page: no
+        kept = order[scores[order] > threshold].tolist()  # Python loop over 300 queries
+        return [
             Detection(q, int(labels[q]), class_name(self.labels, int(labels[q])), float(scores[q]),
                       tuple(float(v) for v in boxes[q]))
             for q in kept

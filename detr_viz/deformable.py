@@ -643,9 +643,9 @@ def _weight_on_cell(cached: dict, stack, layer: int, head: int | None, level: in
 def _points_by_cell(stack, layer: int, level: int, shape: tuple[int, int]):
     """One (layer, level)'s sampling points sorted by the cell their sampler reads first:
     (bins sorted, the order that sorts them, u, v and weights in that order, (tokens, heads,
-    points)). Cells are numbered row * (w + 2) + col over rows and cols -1..h, -1..w (a
-    bilinear point left of or above the grid still reads cell 0); padding goes past the end.
-    u, v: cell coordinates with cell centres at integers."""
+    points)). A bin is row * (w + 2) + col for rows -1..h-1 and cols -1..w-1 (a bilinear
+    point left of or above the grid still reads cell 0); padding and points that read no cell
+    go past the last. u, v: cell coordinates with cell centres at integers."""
     h, w = shape
     xy = stack.locations[layer][:, :, level].double().numpy()  # (tokens, heads, points, 2)
     weights = stack.weights[layer][:, :, level].double().numpy()
@@ -657,8 +657,7 @@ def _points_by_cell(stack, layer: int, level: int, shape: tuple[int, int]):
     else:  # the cell it reads: clamped to the grid
         col, row = np.clip(np.floor(u + 1), 0, w - 1), np.clip(np.floor(v + 1), 0, h - 1)
     outside = padding.ravel() | (col < -1) | (col > w - 1) | (row < -1) | (row > h - 1)
-    bins = np.where(outside, (h + 2) * (w + 2), (row + 1) * (w + 2) + col + 1).astype(np.int64)
-    bins -= w + 3  # so that cell (r, c) is r * (w + 2) + c
+    bins = np.where(outside, (h + 1) * (w + 2), row * (w + 2) + col).astype(np.int64)
     order = np.argsort(bins, kind="stable")
     return (bins[order], order, u[order], v[order],
             np.where(padding, 0.0, weights).ravel()[order], weights.shape)

@@ -54,19 +54,19 @@ def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style
             _overview(run, photo, shown, (layer, head), style)
         return
 
-    def build():  # the maps kept apart from the figure: a style change only redraws
-        maps = memo(("decoder-maps", photo.digest, *run.key, method, layer, head, level,
-                     tuple(queries)),
-                    lambda: decoder_maps(photo, run, method, queries, layer, head, level))
+    what = (photo.digest, *run.key, method, layer, head, level, tuple(queries))
+    # the maps kept apart from the figure: a style change (opacity, colours) only redraws
+    maps = memo(("decoder-maps", *what),
+                lambda: decoder_maps(photo, run, method, queries, layer, head, level))
+
+    def build():
         width, height = run.analysis.original_size  # rows as tall as a column's photo + title
         row = int(min(360, 1100 / max(len(shown), 2) * height / width) + 40)
-        return maps, figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,
-                                               height_per_row=row,
-                                               titles=[_title(d, method) for d in shown], **style)
+        return figures.decoder_grid.spec(photo.panel, run.analysis.grid, shown, maps,
+                                         height_per_row=row,
+                                         titles=[_title(d, method) for d in shown], **style)
 
-    key = ("decoder", photo.digest, *run.key, method, layer, head, level, tuple(queries),
-           tuple(style.items()))
-    maps, spec = memo(key, build)
+    spec = memo(("decoder", *what, tuple(style.items())), build)
     charts.show(spec, key="decoder-grid")
     if shown:
         def scored():  # what the maps are drawn from: a deformable model's token values

@@ -53,19 +53,19 @@ def family_section(run: Run, photo: Photo, threshold: float, style: dict) -> Non
         st.caption(TERMS_NOTE + f" The {len(kept)} best detections above the threshold.")
         layer, head = layers.current("dec", analysis)
 
-        def term_maps():  # kept apart from the figure: a style change redraws, no more
-            maps = {"full": analysis.decoder_attentions(list(queries), layer, head)}
-            return maps | {t: analysis.decoder_attentions(list(queries), layer, head, t)
-                           for t in analysis.terms}
+        what = (photo.digest, *run.key, layer, head, queries)
+        # the maps kept apart from the figure: a style change (opacity, colours) only redraws
+        maps = memo(("terms-maps", *what), lambda: {
+            "full": analysis.decoder_attentions(list(queries), layer, head),
+            **{t: analysis.decoder_attentions(list(queries), layer, head, t)
+               for t in analysis.terms}})
 
         def terms():
-            maps = memo(("terms-maps", photo.digest, *run.key, layer, head, queries), term_maps)
             small = memo(("terms-photo", photo.digest),
                          lambda: display_image(photo.image, TERMS_SIDE, TERMS_QUALITY))
             return terms_grid.spec(small, analysis.grid, kept, maps, **style)
 
-        key = ("terms", photo.digest, *run.key, layer, head, queries, tuple(style.items()))
-        charts.show(memo(key, terms), key="terms")
+        charts.show(memo(("terms", *what, tuple(style.items())), terms), key="terms")
     if analysis.anchors is not None:
         boxes = [analysis.anchor_boxes(q) for q in queries]
         kind = "reference" if analysis.sparse else "anchor"
