@@ -254,26 +254,30 @@ class ByteCache:
             self.total += size
             self._evict(keep=key)
 
-    def _make_room(self) -> None:
-        """Before work: least recently used out until the entries and the reserved work fit
-        the budget, skipping entries still used elsewhere (a running script's photo and
-        analysis): dropping those frees nothing now and costs their recomputation later."""
+    def _make_room(self, keep: Hashable = None) -> None:
+        """Before work, and after a store: least recently used out until the entries and the
+        reserved work fit the budget, skipping ``keep`` and entries still used elsewhere (a
+        running script's photo and analysis, what a connected session shows): dropping those
+        frees nothing now and costs their recomputation later."""
         evicted = True
         while evicted and self.total + self.reserved > self.budget:
             evicted = False  # another pass after any eviction: a value another entry
             for key in list(self._items):  # referred to may be free to go now
                 if self.total + self.reserved <= self.budget:
                     return
-                if sys.getrefcount(self._items[key][0]) > 2:  # more than the cache's tuple
-                    continue  # and this call's argument
+                if key == keep or sys.getrefcount(self._items[key][0]) > 2:  # more than the
+                    continue  # cache's tuple and this call's argument
                 self.total -= self._items.pop(key)[1]
                 self.evictions += 1
                 evicted = True
 
     def _evict(self, keep: Hashable) -> None:
-        """Least recently used out until the entries and the reserved work fit the budget; the
-        newest entry (``keep``) always stays."""
-        while self.total + self.reserved > self.budget and len(self._items) > 1:
+        """Room for the work reserved (:meth:`_make_room`), then least recently used out, in use
+        or not, until the entries alone fit the budget; the newest entry (``keep``) always
+        stays. Work under way is not made room for by dropping what is in use: that frees
+        nothing, and the value would be computed again while the old one still lives."""
+        self._make_room(keep)
+        while self.total > self.budget and len(self._items) > 1:
             oldest = next(iter(self._items))
             if oldest == keep:
                 self._items.move_to_end(keep)

@@ -216,6 +216,27 @@ def test_room_for_work_is_not_made_by_dropping_what_a_running_script_still_holds
     assert cache.evictions == 2 and in_use.nbytes == 300
 
 
+def test_a_store_beside_reserved_work_keeps_what_is_in_use_while_the_entries_fit_the_budget():
+    """Another session stores while an analysis runs with room reserved for it: what a session
+    shows stays (dropping it frees nothing, and its next interaction would compute it again
+    while the old one lives); only values nobody holds make room for the reserved work. The
+    entries alone stay within the budget, in use or not."""
+    planned = Planned()
+    cache = ByteCache(1000, measure=measured, watch=planned)
+    shown = cache.get(("analysis", "a"), lambda: sized(300))  # on session a's screen
+    cache.get(("photo", "old"), lambda: sized(200))  # nobody's
+    planned.growth = 900
+    with cache.working("analysis"):
+        pass
+    with cache.working("analysis"):  # session b's analysis: 900 set aside, the old photo went
+        assert ("photo", "old") not in cache and cache.reserved == 900
+        cache.get(("memo", "a"), lambda: sized(50))  # session a meanwhile
+        assert ("analysis", "a") in cache and cache.total == 350
+        cache.get("big", lambda: sized(800))  # nobody's memo made room; then 1100 > 1000
+        assert [k for k, _ in cache.sizes()] == ["big"]  # without any reservation: a's went
+    assert shown.nbytes == 300
+
+
 def test_what_a_kind_needs_is_the_most_of_its_recent_work_and_lookups_do_not_count():
     planned = Planned()
     cache = ByteCache(10**6, measure=measured, watch=planned, work_seconds=0.5)
