@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import streamlit as st
 
@@ -63,14 +65,15 @@ def summary(run: Run, name: str, threshold: float, count_slot) -> None:
                f"(stride {a.stride}) - {a.spec.title} - on {device}")
 
 
-def view_now(controls: Controls, points: list[tuple[float, float]], run: Run) -> export.View:
-    """What the page shows at this moment (the fragments' controls live in session state)."""
-    state = st.session_state
-    (dl, dh), (el, eh) = layers.current("dec"), layers.current("enc")
+def view_now(controls: Controls, points: list[tuple[float, float]], run: Run,
+             state: Mapping[str, Any]) -> export.View:
+    """What the page shows at this moment, read from the session's ``state`` (the fragments'
+    controls live there)."""
+    (dl, dh), (el, eh) = layers.current("dec", state=state), layers.current("enc", state=state)
     a = run.analysis
-    level = layers.current_level("dec", a) if a.sparse else None
-    token = layers.current_level("enc", a) if a.sparse and a.encoder_kind == "deformable" \
-        else None  # the encoder's level control exists for deformable encoders only
+    level = layers.current_level("dec", a, state) if a.sparse else None
+    token = layers.current_level("enc", a, state) if a.sparse and \
+        a.encoder_kind == "deformable" else None  # a level control for deformable encoders
     return export.View(controls.threshold, controls.method, dl, dh, el, eh,
                        DIRECTIONS[state.get("enc-direction", next(iter(DIRECTIONS)))],
                        tuple(points), state.get("enc-target"), level, token)
@@ -87,6 +90,7 @@ def main() -> None:
         st.info("Type the path of a checkpoint in the sidebar (a DETR training .pth, a state "
                 "dict, or a Hugging Face folder), or pick one from the list.")
         return
+    resources.on_screen()  # what the last run showed may make room for what this one computes
     try:
         photo = resources.get_photo(hashlib.sha256(data).hexdigest(), data)
         run = resources.get_run(photo, controls.model)
@@ -94,6 +98,7 @@ def main() -> None:
     except DetrVizError as error:
         st.error(str(error))
         return
+    resources.on_screen(photo, run, other)
     provenance_note(run)
     summary(run, name, controls.threshold, count_slot)
     points = points_of(photo, run.analysis)
@@ -116,7 +121,7 @@ def main() -> None:
     st.subheader("Debugging: every object, a missed object, box edges, sanity")
     debugging_section(run, photo, threshold, method, style)
     st.subheader("Export")
-    export_section(run, photo, lambda: view_now(controls, points, run), style)
+    export_section(run, photo, lambda run, state: view_now(controls, points, run, state), style)
 
 
 try:

@@ -9,12 +9,12 @@ from detr_viz.explain import RELEVANCE
 from detr_viz.ui import layers
 from detr_viz.ui.encoder import DIRECTIONS
 from detr_viz.ui.maps import decoder_maps, encoder_maps, unavailable
-from detr_viz.ui.resources import Photo, Run
+from detr_viz.ui.resources import Photo, Run, fragment
 
 MAX_PAIRS = 4
 
 
-@st.fragment
+@fragment
 def compare_section(a: Run, b: Run, photo: Photo, threshold: float, method: str, style: dict,
                     points: list[tuple[float, float]]) -> None:
     labels = (a.spec.short, b.spec.short)

@@ -24,7 +24,7 @@ from detr_viz.spec import class_name
 from detr_viz.ui import charts, layers, resources
 from detr_viz.ui.maps import decoder_maps, unavailable
 from detr_viz.ui.memo import memo
-from detr_viz.ui.resources import Photo, Run
+from detr_viz.ui.resources import Photo, Run, fragment
 from detr_viz.ui.scores import describe
 
 PREDICTED = "(the predicted class)"
@@ -36,7 +36,7 @@ def classes(labels: tuple[str, ...]) -> list[str]:
     return sorted({c for c in labels if c != "N/A"})
 
 
-@st.fragment
+@fragment
 def debugging_section(run: Run, photo: Photo, threshold: float, method: str,
                       style: dict) -> None:
     kept = run.analysis.detections(threshold)

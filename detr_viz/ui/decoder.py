@@ -10,7 +10,7 @@ from detr_viz.explain import RAW, RELEVANCE
 from detr_viz.ui import charts, layers, scores
 from detr_viz.ui.maps import decoder_maps, decoder_tokens, tag, unavailable
 from detr_viz.ui.memo import memo
-from detr_viz.ui.resources import Photo, Run
+from detr_viz.ui.resources import Photo, Run, fragment
 
 PER_PAGE = 4
 
@@ -31,7 +31,7 @@ def shown_detections(run: Run, photo: Photo, threshold: float) -> list[Detection
     return detections[(page - 1) * PER_PAGE: page * PER_PAGE]
 
 
-@st.fragment
+@fragment
 def decoder_section(run: Run, photo: Photo, threshold: float, method: str, style: dict) -> None:
     layers.apply_pick("dec", run.analysis)
     cols = st.columns([1, 1, 2])

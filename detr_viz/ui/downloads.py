@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import streamlit as st
 
@@ -13,15 +14,26 @@ from detr_viz.ui.maps import decoder_maps, encoder_maps, tag, unavailable
 from detr_viz.ui.resources import Photo, Run
 
 
-def export_section(run: Run, photo: Photo, view: Callable[[], export.View], style: dict) -> None:
-    """``view`` returns the choices of the moment (points and layers chosen in fragments)."""
-    analysis = run.analysis
-    if (why := unavailable(run, view().method)) is not None:
+def export_section(run: Run, photo: Photo,
+                   view: Callable[[Run, Mapping[str, Any]], export.View], style: dict) -> None:
+    """``view(run, state)`` returns the choices of the moment (points and layers chosen in
+    fragments) from the session's state.
+
+    A download is built when clicked, on a thread of Streamlit's server, not the script's:
+    there ``st.session_state`` is not this session's, so the state is read from the session
+    captured here; and the photo and run are held as references (``resources.held``), looked
+    up again when the file is built.
+    """
+    if (why := unavailable(run, view(run, st.session_state).method)) is not None:
         st.caption(f"Nothing to export for this method: {why}")
         return
+    refs = resources.held(run), resources.held(photo)
+    session = session_state()
 
     def content():
-        v = view()
+        run, photo = (resources.looked_up(r, quiet=True) for r in refs)
+        analysis = run.analysis
+        v = view(run, session())
         kept = analysis.detections(v.threshold)
         queries = [d.query for d in kept]
         dec = decoder_maps(photo, run, v.method, queries, v.decoder_layer, v.decoder_head,
@@ -32,10 +44,11 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
         method_tag = tag(v.method, v.decoder_layer, v.decoder_head, v.decoder_level)
         found = {q: {v.method: s} for q in queries
                  if (s := resources.known_scores(photo, run, q, method_tag, "map")) is not None}
-        return v, kept, dec, enc, found
+        return run, photo, v, kept, dec, enc, found
 
     def html() -> str:
-        v, kept, dec, enc, _ = content()
+        run, photo, v, kept, dec, enc, _ = content()
+        analysis = run.analysis
         shown = [
             ("Detections", figures.detections_figure(photo.display, kept)),
             (f"Decoder: {v.method}", figures.decoder_grid(photo.display, analysis.grid, kept, dec,
@@ -52,12 +65,12 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
         return export.figures_html(shown, title=f"detr-viz: {analysis.variant}, {v.method}")
 
     def npz() -> bytes:
-        v, _, dec, enc, found = content()
-        return export.to_npz(analysis, v, dec, enc, found)
+        run, _, v, _, dec, enc, found = content()
+        return export.to_npz(run.analysis, v, dec, enc, found)
 
     def as_json() -> str:
-        v, _, dec, enc, found = content()
-        return export.to_json(analysis, v, dec, enc, found)
+        run, _, v, _, dec, enc, found = content()
+        return export.to_json(run.analysis, v, dec, enc, found)
 
     cols = st.columns(3)
     cols[0].download_button("Figures (HTML)", html, "detr-viz-figures.html", "text/html")
@@ -65,3 +78,15 @@ def export_section(run: Run, photo: Photo, view: Callable[[], export.View], styl
                             "application/octet-stream")
     cols[2].download_button("Analysis (JSON)", as_json, "detr-viz-analysis.json",
                             "application/json")
+
+
+def session_state() -> Callable[[], Mapping[str, Any]]:
+    """This session's state as it will be when called, from any thread: the script's context
+    captured now (``st.session_state`` off the script's thread is a stand-in shared by all)."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None:  # bare mode: no sessions, the stand-in is the state
+        return lambda: st.session_state
+    state = ctx.session_state
+    return lambda: state.filtered_state  # a copy, read under the state's lock

@@ -14,7 +14,7 @@ from detr_viz.family_figures import sampling_figure
 from detr_viz.ui import charts, layers
 from detr_viz.ui.maps import encoder_maps, unavailable
 from detr_viz.ui.memo import memo
-from detr_viz.ui.resources import Photo, Run
+from detr_viz.ui.resources import Photo, Run, fragment
 from detr_viz.ui.scores import describe
 
 MAX_POINTS = 4  # encoder reference points kept side by side, as in the classic notebook
@@ -68,7 +68,7 @@ def target_of(run: Run, threshold: float) -> int | None:
                         format_func=lambda q: describe(by_query[q]))
 
 
-@st.fragment
+@fragment
 def encoder_section(run: Run, photo: Photo, threshold: float, method: str, style: dict,
                     points: list[tuple[float, float]], linked: bool = False) -> None:
     """``linked``: another section (the comparison) shows the points too; a new click then

@@ -11,7 +11,7 @@ from detr_viz.display import display_image
 from detr_viz.family_figures import COLOR_BY, anchors_figure, sampling_figure, terms_grid
 from detr_viz.ui import charts, layers
 from detr_viz.ui.memo import memo
-from detr_viz.ui.resources import Photo, Run
+from detr_viz.ui.resources import Photo, Run, fragment
 
 MAX = 4  # detections shown: the best ones above the threshold
 TERMS_SIDE, TERMS_QUALITY = 240, 75  # the photo under 3 x MAX small panels (BENCHMARKS §9)
@@ -42,7 +42,7 @@ def family_title(run: Run) -> str:
             + (", anchors through the layers" if a.anchors is not None else ""))
 
 
-@st.fragment
+@fragment
 def family_section(run: Run, photo: Photo, threshold: float, style: dict) -> None:
     analysis = run.analysis
     kept = analysis.detections(threshold)[:MAX]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import streamlit as st
 
@@ -62,10 +65,12 @@ def _level_index(labels: list[str], chosen: str) -> int | None:
     return None if index < 0 else index
 
 
-def current_level(prefix: str, analysis: Analysis) -> int | None:
-    """The level chosen in a section so far (None: all levels, or none chosen)."""
+def current_level(prefix: str, analysis: Analysis, state: Mapping[str, Any] | None = None
+                  ) -> int | None:
+    """The level chosen in a section so far (None: all levels, or none chosen); ``state``: the
+    session's (default ``st.session_state``)."""
     labels = level_labels(analysis)
-    chosen = st.session_state.get(f"{prefix}-level", ALL_LEVELS)
+    chosen = (st.session_state if state is None else state).get(f"{prefix}-level", ALL_LEVELS)
     return _level_index(labels, chosen) if chosen in labels else None
 
 
@@ -85,12 +90,15 @@ def apply_pick(prefix: str, analysis: Analysis) -> None:
         0 if head is None else head + 1]
 
 
-def current(prefix: str, analysis: Analysis | None = None) -> tuple[int, int | None]:
+def current(prefix: str, analysis: Analysis | None = None, state: Mapping[str, Any] | None = None
+            ) -> tuple[int, int | None]:
     """The layer and head chosen in a section (``dec`` or ``enc``) so far: (layer index, head
     index or None for the mean). With ``analysis`` (a model with fewer layers or heads, as in
-    the comparison): a layer it lacks means its last, a head it lacks the mean."""
-    layer_text = st.session_state.get(f"{prefix}-layer")
-    head_text = st.session_state.get(f"{prefix}-head", MEAN_LABEL)
+    the comparison): a layer it lacks means its last, a head it lacks the mean. ``state``: the
+    session's (default ``st.session_state``)."""
+    state = st.session_state if state is None else state
+    layer_text = state.get(f"{prefix}-layer")
+    head_text = state.get(f"{prefix}-head", MEAN_LABEL)
     layer = int(layer_text.split()[1]) - 1 if layer_text else -1
     head = None if head_text == MEAN_LABEL else int(head_text.split()[1]) - 1
     if analysis is not None:

@@ -7,16 +7,24 @@ Every slider move, page, click and method switch afterwards is a cheap function 
 
 Models are kept (two at most); everything else shares one :class:`~detr_viz.cache.ByteCache`
 across sessions, bounded by ``$DETR_VIZ_CACHE_BYTES`` (default 2 GiB): least recently used out.
+
+What a session keeps between script runs refers to the cache's entries without holding them
+(:class:`PhotoRef`, :class:`RunRef`, :func:`fragment`): Streamlit keeps a fragment's arguments
+and a download's callable for the session's life, and a closed session's for two minutes more
+(``server.disconnectedSessionTTL``, for a reconnect), and what they held could not be dropped.
+Only :func:`on_screen` holds a session's photo and analyses, while the session is connected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +59,7 @@ class Photo:
     display: DisplayImage  # JPEG for the large Plotly figures
     panel: DisplayImage  # smaller JPEG for figures of many small panels
     click: Image.Image  # small copy for the click component
+    data: bytes = field(default=b"", repr=False)  # the file as dropped: what it is decoded from
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Run:
     choice: ModelChoice  # with the checkpoint path resolved
     model: DETR
     analysis: Analysis
+    photo: Photo  # the photo analysed
 
     @property
     def key(self) -> tuple:
@@ -128,7 +138,7 @@ def _photo(digest: str, data: bytes) -> Photo:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     click = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     panel = display_image(image, PANEL_SIDE, PANEL_QUALITY)
-    return Photo(digest, image, display_image(image), panel, click)
+    return Photo(digest, image, display_image(image), panel, click, data)
 
 
 def get_analysis(digest: str, choice: ModelChoice, photo: Photo) -> Analysis:
@@ -158,10 +168,104 @@ def ensure_checkpoint(variant: str) -> str:
 def get_run(photo: Photo, choice: ModelChoice) -> Run:
     if choice.variant is not None:
         choice = dataclasses.replace(choice, checkpoint=ensure_checkpoint(choice.variant))
+    return _run(photo, choice, get_model)
+
+
+def _run(photo: Photo, choice: ModelChoice, model: Callable[[ModelChoice], DETR],
+         quiet: bool = False) -> Run:
+    """``quiet``: no spinner (off the script's thread, where there is no page to show it)."""
     name = choice.variant or Path(choice.checkpoint or "").name
-    with st.spinner(f"Running {name} on the photo (once per photo and model)..."):
+    with nullcontext() if quiet else st.spinner(
+            f"Running {name} on the photo (once per photo and model)..."):
         analysis = get_analysis(photo.digest, choice, photo)
-    return Run(choice, get_model(choice), analysis)
+    return Run(choice, model(choice), analysis, photo)
+
+
+@st.cache_resource(show_spinner=False, scope="session")
+def _shown() -> dict:
+    return {}
+
+
+def on_screen(*shown: Photo | Run | None) -> None:
+    """Hold what this session shows (its photo and runs) until its next full run, or until it
+    disconnects: Streamlit drops a session's session-scoped resources then, not two minutes
+    later. The cache never evicts what is held (its next interaction finds it), and frees a
+    closed session's at once."""
+    held = _shown()
+    held.clear()
+    held["now"] = shown
+
+
+@dataclass(frozen=True, eq=False)
+class PhotoRef:
+    """A photo as a session keeps it between script runs: looked up in the page's cache by its
+    digest, decoded again from its bytes if the cache dropped it."""
+
+    digest: str
+    data: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, photo: Photo) -> PhotoRef:
+        return cls(photo.digest, photo.data)
+
+    def get(self, quiet: bool = False) -> Photo:  # noqa: ARG002 - a decode needs no spinner
+        return get_photo(self.digest, self.data)
+
+
+@dataclass(frozen=True, eq=False)
+class RunRef:
+    """A :class:`Run` as a session keeps it between script runs: its analysis looked up in the
+    page's cache (computed again if the cache dropped it), its model held weakly (the model
+    cache's own while it keeps it)."""
+
+    photo: PhotoRef
+    choice: ModelChoice  # with the checkpoint path resolved
+    model: weakref.ref = field(repr=False)
+
+    @classmethod
+    def of(cls, run: Run) -> RunRef:
+        return cls(PhotoRef.of(run.photo), run.choice, weakref.ref(run.model))
+
+    def get(self, quiet: bool = False) -> Run:
+        """``quiet``: no spinner should the analysis be computed again (off the script's
+        thread: a download being built)."""
+        def model(choice: ModelChoice) -> DETR:
+            kept = self.model()
+            return kept if kept is not None else get_model(choice)
+
+        return _run(self.photo.get(), self.choice, model, quiet)
+
+
+def held(value):
+    """What a session may keep of ``value`` between script runs: a reference for a Photo or a
+    Run, anything else as it is."""
+    return PhotoRef.of(value) if isinstance(value, Photo) else \
+        RunRef.of(value) if isinstance(value, Run) else value
+
+
+def looked_up(value, quiet: bool = False):
+    """The Photo or Run a :func:`held` reference refers to, anything else as it is."""
+    return value.get(quiet) if isinstance(value, PhotoRef | RunRef) else value
+
+
+def fragment(section: Callable[..., None]) -> Callable[..., None]:
+    """``st.fragment`` for a section of the page that takes Photo and Run arguments.
+
+    Streamlit keeps a fragment's arguments to run it again alone, for the session's life and a
+    closed session's two minutes more: the photo and analyses there could not leave the page's
+    cache. The section gets them as :func:`held` references instead, looked up again at each of
+    its runs (a dictionary lookup while cached, recomputed under a spinner if dropped).
+    """
+    @st.fragment
+    @functools.wraps(section)
+    def alone(*args, **kwargs):
+        return section(*map(looked_up, args), **{k: looked_up(v) for k, v in kwargs.items()})
+
+    @functools.wraps(section)
+    def call(*args, **kwargs):
+        return alone(*map(held, args), **{k: held(v) for k, v in kwargs.items()})
+
+    return call
 
 
 class Store:
