@@ -146,6 +146,20 @@ def test_upload_of_a_generated_photo(app, oracle, name, fmt):
     assert sidebar_count(app) == len(oracle(data).detections(0.9))
 
 
+def test_a_removed_photo_brings_the_sample_back(app, oracle):
+    """The run without the file it had (a removal, or the first half of a file dropped over
+    another) waits for a following rerun, then shows the sample."""
+    app.run()
+    data = photo_bytes(seed=4)
+    app.file_uploader(key="upload").upload("mine.png", data, "image/png").run()
+    assert any(c.value.startswith("mine.png: ") for c in app.caption)
+    app.file_uploader(key="upload").clear().run()
+    assert_clean(app)
+    assert any(c.value == "Showing the sample photo until you drop one." for c in app.caption)
+    assert any(c.value.startswith("sample (coffee.jpg, CC0): ") for c in app.caption)
+    assert sidebar_count(app) == len(oracle(SAMPLE.read_bytes()).detections(0.9))
+
+
 def test_bad_upload_shows_error_and_page_keeps_working(app):
     app.run()
     app.file_uploader(key="upload").upload("holiday.jpg", b"this is not a photo",
