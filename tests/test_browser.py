@@ -11,6 +11,7 @@ artifacts/ in the repository, which git ignores).
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -261,6 +262,20 @@ def test_a_click_on_the_overview_makes_that_layer_and_head_the_shown_one(page, a
     else:
         pytest.fail("the decoder maps did not switch to layer 3, head 4")
     page.screenshot(path=str(SHOTS / "browser-overview.png"), full_page=True)
+
+
+def test_the_downloaded_analysis_has_the_layer_and_head_chosen_in_the_section(page, analysis):
+    """After the overview click above (a fragment's run: the export section did not run
+    again), the JSON download, built on a server thread, has layer 3, head 4 and its maps."""
+    with page.expect_download(timeout=120_000) as download:
+        page.get_by_role("button", name="Analysis (JSON)").click()
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert (exported["settings"]["decoder_layer"], exported["settings"]["decoder_head"]) == (2, 3)
+    _, _, analysis = analysis
+    queries = [d.query for d in analysis.detections(0.9)]
+    assert exported["queries"] == queries
+    np.testing.assert_allclose(np.asarray(exported["decoder_maps"]),
+                               analysis.decoder_attentions(queries, 2, 3), rtol=1e-4, atol=1e-6)
 
 
 def test_side_by_side_with_dc5_once(page, analysis):
