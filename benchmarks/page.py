@@ -130,12 +130,14 @@ class Server:
 class Driver:
     """A browser page on a server; ``act`` does one interaction and returns its runs."""
 
-    def __init__(self, browser, server: Server, new_page: bool):
-        self.server, self.new = server, new_page
+    def __init__(self, browser, server: Server):
+        self.server = server
         self.page = browser.new_page(viewport={"width": 1400, "height": 2600})
         self.page.goto(server.url)
         self.page.wait_for_selector(".js-plotly-plot", timeout=300_000)
         self.settle()
+        # the page since its drop zone (a baseline may be older: "Upload a photo" to choose)
+        self.new = self.page.get_by_text("Upload a photo", exact=True).count() == 0
 
     def settle(self) -> None:
         time.sleep(0.3)
@@ -308,7 +310,7 @@ def measure(browser, folder: Path, weights: Path, photo: Path, repeats: int, new
                         work / f"{'new' if new else 'old'}-{variant}.jsonl")
         d = None
         try:
-            d = Driver(browser, server, new)
+            d = Driver(browser, server)
             option, from_zero, depth, levels = FAMILIES.get(variant, (None, False, 6, 0))
             if option:
                 d.act(lambda d=d, o=option: d.choose("Checkpoint", o, exact=False))
