@@ -14,6 +14,7 @@ import pytest
 from streamlit.runtime import caching
 from streamlit.runtime.media_file_manager import MediaFileManager
 
+from detr_viz import memory
 from detr_viz.ui import resources
 
 from apptest import SAMPLE, array, assert_clean, charts
@@ -51,7 +52,9 @@ def cached(kinds=("photo", "analysis")) -> list:
 
 
 def test_a_closed_session_keeps_nothing_of_its_photo_or_analysis_and_a_resumed_one_recomputes(
-        app, forwards, oracle, deferred):
+        app, forwards, oracle, deferred, monkeypatch):
+    trims = []
+    monkeypatch.setattr(memory, "release_soon", lambda: trims.append(1))
     app.run()
     app.selectbox(key="dec-layer").set_value("layer 5").run()  # a fragment's own run
     assert_clean(app)
@@ -62,8 +65,10 @@ def test_a_closed_session_keeps_nothing_of_its_photo_or_analysis_and_a_resumed_o
     del values
     resources.cache().clear()
     assert all(r() is not None for r in refs)  # shown: held while the session is connected
+    trims.clear()
     caching.clear_session_resource_cache(SESSION)  # what Streamlit does when it disconnects
     assert [r() for r in refs] == [None, None]  # freed at once: no fragment, no download held it
+    assert trims  # and what its work freed goes back to the system
 
     runs = len(forwards)
     app.selectbox(key="dec-head").set_value("head 3").run()  # the fragment alone, again

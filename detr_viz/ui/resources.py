@@ -181,7 +181,14 @@ def _run(photo: Photo, choice: ModelChoice, model: Callable[[ModelChoice], DETR]
     return Run(choice, model(choice), analysis, photo)
 
 
-@st.cache_resource(show_spinner=False, scope="session")
+def _released(shown: dict) -> None:
+    """A session disconnected: its photo and analyses may go, and the memory its work freed
+    goes back to the system (its pages stayed with the allocator until the next work)."""
+    shown.clear()
+    memory.release_soon()
+
+
+@st.cache_resource(show_spinner=False, scope="session", on_release=_released)
 def _shown() -> dict:
     return {}
 
