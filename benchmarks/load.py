@@ -20,8 +20,9 @@ Playwright's async API (never ``playwright install``), one browser context per s
 
 Prints, per phase: errors (a crash is "Something went wrong" or a traceback; a clear message
 about a bad file is not an error), time to the first heatmaps per session (drop -> settled
-page), server RSS at the end of the phase and its peak, and the cache's bytes against its
-budget. Sizes are the server's; the browser is another process.
+page), server RSS at the start of the phase (the tabs of the one before closed 3 s earlier),
+at its end and its peak (from its start), and the cache's bytes against its budget. Sizes are
+the server's; the browser is another process.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ NEW_OUTCOME = """([name, before]) => {
   return document.body.innerText.includes(name + ": ") || (alert && alert.innerText !== before);
 }"""  # the dropped file's caption, or an error other than the one shown before the drop
 MB = 2**20
+CLOSED_WAIT = 3.0  # s after closing a phase's tabs: Streamlit has disconnected their sessions
 
 
 class Memory:
@@ -294,7 +296,17 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
         start_rss = memory.now()
         memory.mark()
         start_models = max((r.get("model_bytes", 0) for r in server.records()), default=0)
-        phase_began = time.time()
+        phase_began, phase_rss = time.time(), start_rss
+
+        async def closed(sessions: list[Session]) -> None:
+            """Close the phase's tabs; the next phase starts once the server has seen them go
+            (its peak counts from then, and its RSS then is shown)."""
+            nonlocal phase_rss
+            for s in sessions:
+                await s.page.context.close()
+            await asyncio.sleep(CLOSED_WAIT)
+            phase_rss = memory.now()
+            memory.mark()
 
         def row(phase: str, sessions: list[Session], note: str = "") -> None:
             nonlocal budget, phase_began
@@ -314,7 +326,8 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
                   flush=True)  # as it happens: a later phase may fail
             rows.append([phase, str(len(errors)) + (f" ({'; '.join(errors[:3])})" if errors
                                                      else ""),
-                         firsts, f"{end / MB:.0f} MiB", f"{peak / MB:.0f} MiB",
+                         firsts, f"{phase_rss / MB:.0f} MiB", f"{end / MB:.0f} MiB",
+                         f"{peak / MB:.0f} MiB",
                          f"{limit / MB:.0f} MiB ({models / MB:.0f} of models)",
                          f"{(end - limit) / MB:+.0f} / {(peak - limit) / MB:+.0f} MiB",
                          f"{cache / MB:.0f} MiB", note])
@@ -329,8 +342,7 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
             await s.check("final", ph.name)
         row(f"{args.sessions} sessions at once", sessions,
             "each: drop, 3 clicks, rollout, threshold x2, DC5")
-        for s in sessions:
-            await s.page.context.close()
+        await closed(sessions)
 
         long = await open_session(browser, server.url, "long", [])
         trail: list[str] = []
@@ -338,7 +350,7 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
             await long_session(long, long_photos(work, args.photos), memory, server, trail)
         row(f"1 session, {args.photos} photos", [long], "RSS/cache MiB after each photo: "
             + " ".join(trail))
-        await long.page.context.close()
+        await closed([long])
 
         bad = await open_session(browser, server.url, "hostile", [])
         outcomes: list[list[str]] = []
@@ -351,7 +363,8 @@ async def run(args, server: Server, memory: Memory, work: Path) -> None:
           f"cache budget: {budget / MB:.0f} MiB\n" if budget else "no byte cache\n")
     print("limit: the RSS after start less its models, plus the models loaded during the phase, "
           "plus the budget\n")
-    print(table(["phase", "errors", "first heatmaps per session (s)", "RSS at end",
+    print(table(["phase", "errors", "first heatmaps per session (s)", "RSS at start",
+                 "RSS at end",
                  "peak RSS", "limit", "end / peak - limit", "cache peak", "what"], rows) + "\n")
     print(table(["hostile file", "size", "what the page showed"], outcomes) + "\n")
 
