@@ -173,9 +173,11 @@ def get_run(photo: Photo, choice: ModelChoice) -> Run:
 
 def _run(photo: Photo, choice: ModelChoice, model: Callable[[ModelChoice], DETR],
          quiet: bool = False) -> Run:
-    """``quiet``: no spinner (off the script's thread, where there is no page to show it)."""
+    """A spinner while the analysis is computed, none when it is cached (a fragment looks its
+    run up at each interaction) or ``quiet`` (off the script's thread: no page to show it)."""
     name = choice.variant or Path(choice.checkpoint or "").name
-    with nullcontext() if quiet else st.spinner(
+    cached = ("analysis", photo.digest, *choice.key) in cache()
+    with nullcontext() if quiet or cached else st.spinner(
             f"Running {name} on the photo (once per photo and model)..."):
         analysis = get_analysis(photo.digest, choice, photo)
     return Run(choice, model(choice), analysis, photo)
