@@ -198,8 +198,8 @@ def _shown() -> dict:
 def on_screen(*shown: Photo | Run | None) -> None:
     """Hold what this session shows (its photo and runs) until its next full run, or until it
     disconnects: Streamlit drops a session's session-scoped resources then, not two minutes
-    later. The cache never evicts what is held (its next interaction finds it), and frees a
-    closed session's at once."""
+    later. The cache makes room for work without dropping what is held (the session's next
+    interaction finds it), and a closed session's may go at once."""
     held = _shown()
     held.clear()
     held["now"] = shown
