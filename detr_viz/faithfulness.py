@@ -119,6 +119,15 @@ def token_pointing(analysis: Analysis, values: np.ndarray,
     return inside / total if total > 0 else float("nan")
 
 
+def uniform_pointing(analysis: Analysis, box: tuple[float, float, float, float]) -> float:
+    """The energy pointing of a map with equal weight on every cell (a deformable model: every
+    token), the share a map of random weights puts in ``box`` on average: chance level, the
+    random order's "in the box"."""
+    if analysis.sparse:
+        return token_pointing(analysis, np.ones(analysis.num_tokens), box)
+    return pointing_energy(np.ones(analysis.grid.shape), analysis.grid, box)
+
+
 def _box_share(grid: FeatureGrid, box: tuple[float, float, float, float]) -> np.ndarray:
     """(h, w): the share of each cell's area within the model input that ``box`` (x0, y0, x1,
     y1, original pixels) covers."""

@@ -178,6 +178,9 @@ def test_faithfulness_scores_the_shown_level_and_ranks_the_methods_that_apply(
     row = table[table["method"] == explain.ROLLOUT].iloc[0]
     assert row["deletion AUC"] == pytest.approx(roll.deletion.auc, abs=1e-6)
     assert row["in the box"] == pytest.approx(roll.pointing, abs=1e-6)
+    chance = table[table["method"] == "random order"].iloc[0]["in the box"]  # not "None"
+    assert chance == pytest.approx(faithfulness.uniform_pointing(a, tuple(a.boxes_xyxy()[
+        shown[0]])), abs=1e-9)
 
 
 def test_lw_detr_without_an_encoder_and_beside_detr(page, deformable_dir):

@@ -143,6 +143,22 @@ def test_pointing_energy_of_one_cell():
     assert np.isnan(pointing_energy(np.zeros(GRID.shape), GRID, (0, 0, 10, 10)))
 
 
+@pytest.mark.parametrize("fraction", [(0, 0, 1, 1), (0.1, 0.2, 0.6, 0.9), (0.7, 0.0, 1.0, 0.3)])
+def test_a_uniform_map_puts_in_the_box_what_random_maps_do_on_average(fraction):
+    """The random order's "in the box" (chance): equal weight on every cell, counted as the
+    pixel oracle counts it, and the mean over random maps."""
+    analysis = small_analysis()
+    w, h = analysis.grid.original_size
+    box = (fraction[0] * w, fraction[1] * h, fraction[2] * w, fraction[3] * h)
+    chance = faithfulness.uniform_pointing(analysis, box)
+    assert chance == pytest.approx(pixel_oracle(np.ones(analysis.grid.shape), analysis.grid,
+                                                box), abs=1e-3)  # the oracle: 1/4-pixel steps
+    rng = np.random.default_rng(0)
+    shares = [pointing_energy(rng.random(analysis.grid.shape), analysis.grid, box)
+              for _ in range(2000)]
+    assert np.mean(shares) == pytest.approx(chance, abs=0.01)
+
+
 def test_clear_errors():
     analysis, model = small_analysis(), double_model("detr_resnet50")
     with pytest.raises(Exception, match="steps"):

@@ -10,7 +10,7 @@ import streamlit as st
 
 from detr_viz.analysis import Detection
 from detr_viz.explain import METHODS, RAW
-from detr_viz.faithfulness import ranking
+from detr_viz.faithfulness import ranking, uniform_pointing
 from detr_viz.methods import METHOD, replay_unavailable
 from detr_viz.ui import layers, resources
 from detr_viz.ui.maps import decoder_maps, decoder_tokens, tag
@@ -73,7 +73,8 @@ def _ranking(run: Run, photo: Photo, shown: list[Detection]) -> None:
              "deletion AUC": found[m].deletion.auc, "insertion AUC": found[m].insertion.auc,
              "in the box": found[m].pointing} for i, m in enumerate(ranking(found))]
     rows.append({"rank": "baseline", "method": "random order", "deletion AUC": random[0].auc,
-                 "insertion AUC": random[1].auc, "in the box": None})
+                 "insertion AUC": random[1].auc,  # a random map's share on average: chance
+                 "in the box": uniform_pointing(analysis, tuple(analysis.boxes_xyxy()[det.query]))})
     # short headers, so the table fits the popover; what each means is in its tooltip
     st.dataframe(rows, hide_index=True, column_config=RANKING_COLUMNS)
     st.plotly_chart(curves_figure(found, random), key="rank-curves")
@@ -90,7 +91,8 @@ RANKING_COLUMNS = {
              "important tokens are inserted first."),
     "in the box": st.column_config.NumberColumn(
         "in the box", format="percent",
-        help="Share of the map's mass inside the detection's box (energy pointing game)."),
+        help="Share of the map's mass inside the detection's box (energy pointing game); for "
+             "the random order, what a map of equal weight everywhere puts there (chance)."),
 }
 
 
