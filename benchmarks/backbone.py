@@ -11,7 +11,13 @@ batch 1), in four variants, interleaved:
 - ``(c) norms folded``: each norm folded into its convolution on the fly (detr-viz's default
   until 2026-12-07);
 - ``(d) folded + channels_last``: (c) with the weights and the input in channels_last
-  (detr-viz's default since).
+  (detr-viz's default from then until 2026-12-08);
+- ``(e) (d) + fused epilogues``: (d) with each ReLU and residual sum fused into the
+  convolution before it, the sum written into the residual's buffer (``fold_norms()``'s
+  default since; only where no gradient is recorded, as here).
+
+Besides the time, one more run of each variant counts its minor page faults (fresh pages the
+kernel hands the process: large activations allocated anew).
 
 Agreement, on the same input: the float64 run of (c) against the float64 run of (a) (relative
 to the largest feature), and every variant's float32 output against the float64 run of (a):
@@ -21,6 +27,7 @@ a variant that is exact must stay as close to float64 as (a) itself is.
 from __future__ import annotations
 
 import copy
+import resource
 
 import torch
 
@@ -45,6 +52,7 @@ NAMES = {
     "b": "(b) channels_last",
     "c": "(c) norms folded",
     "d": "(d) folded + channels_last",
+    "e": "(e) (d) + fused epilogues",
 }
 
 
@@ -52,10 +60,11 @@ def backbones(variant: str) -> dict[str, tuple[torch.nn.Module, bool]]:
     """Variant key -> (backbone, channels_last input), each its own copy of the stand-in."""
     backbone = stand_in_model(variant).backbone[-2]
     out = {}
-    for key, fold, channels_last in (("a", False, False), ("b", False, True),
-                                     ("c", True, False), ("d", True, True)):
+    for key, fold, channels_last, fuse in (
+            ("a", False, False, False), ("b", False, True, False), ("c", True, False, False),
+            ("d", True, True, False), ("e", True, True, True)):
         module = copy.deepcopy(backbone)
-        module.body.fold_norms(fold, channels_last)
+        module.body.fold_norms(fold, channels_last, fuse)
         out[key] = (module.to(memory_format=CL) if channels_last else module, channels_last)
     return out
 
@@ -69,6 +78,13 @@ def inputs(dtype: torch.dtype = torch.float32) -> tuple[NestedTensor, NestedTens
 
 def features(backbone: torch.nn.Module, x: NestedTensor) -> torch.Tensor:
     return backbone(x)["0"].tensors
+
+
+def page_faults(run) -> int:
+    """Minor page faults of one call of ``run``."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def agreement(models: dict[str, tuple[torch.nn.Module, bool]], float64: bool) -> dict[str, str]:
@@ -99,8 +115,9 @@ def bench(variant: str, repeats: int, float64: bool):
         share = CpuShare()
         times = interleaved(cases, repeats=repeats, warmup=1)
         contention = share.report()
+        faults = {name: page_faults(run) for name, run in cases.items()}
         checks = agreement(models, float64)
-    return times, checks, contention
+    return times, faults, checks, contention
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,12 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     args = resolve(parser.parse_args(argv))
     print_header("CNN backbone (model.backbone[-2]), 3x800x1066, batch 1", args)
     for variant in args.variants:
-        times, checks, contention = bench(variant, args.repeats, args.float64)
-        base = times[NAMES["a"]]
-        rows = [[name, t.seconds(), paired_ratio(t, base).ratio(), check]
+        times, faults, checks, contention = bench(variant, args.repeats, args.float64)
+        base, before = times[NAMES["a"]], times[NAMES["d"]]
+        rows = [[name, t.seconds(), paired_ratio(t, base).ratio(), paired_ratio(t, before).ratio(),
+                 f"{faults[name]:,}", check]
                 for (name, t), check in zip(times.items(), checks.values(), strict=True)]
         print(f"### {LABEL[variant]}\n")
-        print(table(["variant", "time", "/ (a)",
+        print(table(["variant", "time", "/ (a)", "/ (d)", "page faults per run",
                      "float32 vs float64 (a): max abs diff / max |feature|"], rows))
         print(f"\nTiming: {contention}\n")
 

@@ -18,13 +18,20 @@ The folded convolutions run on channels-last activations (oneDNN's blocked kerne
 body 0.64x the folded time on an AMD EPYC, 2026-12-07). Their float32 sums are rounded in
 another order and land a little further from float64: 1.26-1.35x the unfolded body's mean
 error there (1.9x on an earlier machine; tests/test_resnet.py allows 3x, measured on the same
-CPU in the same test); float64 is unchanged. ``fold_norms(True, channels_last=False)`` keeps
-the usual layout. ``ResNet.fold_norms(False)`` restores torchvision's order of operations bit
-for bit; only then do hooks on the individual convolution and norm modules fire (hooks on the
-body, its stages and blocks, and on ``model.backbone[-2]``, fire either way).
+CPU in the same test); float64 is unchanged. Where no gradient is recorded (``analyze``,
+``torch.inference_mode``), each ReLU and residual sum also runs inside the convolution before it
+(oneDNN post-ops; the sum written into the residual's buffer): the same float32 arithmetic, less
+memory traffic (see ``_conv_norm_relu``). ``fold_norms(True, fuse=False)`` keeps them apart,
+``fold_norms(True, channels_last=False)`` keeps the usual layout. ``ResNet.fold_norms(False)``
+restores torchvision's order of operations bit for bit; only then do hooks on the individual
+convolution and norm modules fire (hooks on the body, its stages and blocks, and on
+``model.backbone[-2]``, fire either way, and see what they would see unfused: a block never
+writes into a tensor a hook can hold).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -70,16 +77,98 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _folded(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The convolution's weights scaled per output channel by the norm, and the norm's shift as
+    the bias: ``conv(x, weight, bias) == norm(conv(x))``."""
+    scale, shift = norm.scale_and_shift()  # (C_out,) each
+    weight = conv.weight * scale[:, None, None, None]  # (C_out, C_in, k, k)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)  # no reorder per call
+    return weight, shift
+
+
 def _conv_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor, fold: bool) -> Tensor:
     """``norm(conv(x))``; folded: one convolution, its weights scaled per output channel and
     the norm's shift as its bias."""
     if not fold:
         return norm(conv(x))
-    scale, shift = norm.scale_and_shift()  # (C_out,) each
-    weight = conv.weight * scale[:, None, None, None]  # (C_out, C_in, k, k)
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.contiguous(memory_format=torch.channels_last)  # no reorder per call
+    weight, shift = _folded(conv, norm, x)
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+# oneDNN's convolution with its epilogue fused (a ReLU, or a residual sum and a ReLU written
+# into the residual's buffer): the operators torch.compile emits for a CPU. The same kernels as
+# F.conv2d on channels-last activations, so the same float32 arithmetic; the gain is memory
+# traffic. At the official size the R50 body writes 55 MB activations, and an unfused ReLU or
+# sum reads and writes each once more; a fresh output that large is fresh pages from the kernel
+# (page faults and zeroing). Measured (benchmarks/backbone.py): the R50 body 0.87x the time, its
+# page faults 80k -> 7k. They are private operators without a backward, used only where no
+# gradient is recorded; _fusable() checks once that they exist and agree with F.conv2d.
+def _conv_norm_relu(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor, relu: bool) -> Tensor:
+    """``relu(norm(conv(x)))`` (or without the ReLU) in one oneDNN call; x channels-last."""
+    weight, shift = _folded(conv, norm, x)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, shift, list(conv.padding), list(conv.stride), list(conv.dilation),
+        conv.groups, "relu" if relu else "none", [], "")
+
+
+def _conv_norm_add_relu(residual: Tensor, conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor,
+                        in_place: bool) -> Tensor:
+    """``relu(norm(conv(x)) + residual)`` in one oneDNN call; ``in_place``: written into
+    ``residual`` (channels-last), which it returns."""
+    weight, shift = _folded(conv, norm, x)
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if in_place:
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, weight, shift, *geometry, "add", 1.0, "relu", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, weight, shift, *geometry, "add", 1.0, "relu", [], "")
+
+
+@functools.cache
+def _fused_kernels_work() -> bool:
+    """Whether this PyTorch has oneDNN's fused convolutions and they compute what F.conv2d +
+    ReLU / + sum + ReLU computes (a 16-channel probe, once per process). A PyTorch without
+    them, or one whose private operators changed, takes the unfused path."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 6, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, 16, 6, 7, generator=generator)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    norm = FrozenBatchNorm2d(16)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / 12)
+        want = _conv_norm(conv, norm, x, fold=True)
+        try:
+            relu = _conv_norm_relu(conv, norm, x, relu=True)
+            apart = _conv_norm_add_relu(residual, conv, norm, x, in_place=False)
+            into = residual.contiguous(memory_format=torch.channels_last)
+            _conv_norm_add_relu(into, conv, norm, x, in_place=True)
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            return False
+        summed = (want + residual).relu()
+        close = functools.partial(torch.allclose, rtol=1e-5, atol=1e-5)
+        return close(relu, want.relu()) and close(apart, summed) and close(into, summed)
+
+
+def _fusable(x: Tensor) -> bool:
+    """Whether the body may run ``x`` through the fused kernels: float32 channels-last on the
+    CPU, no gradient recorded, and the kernels present (:func:`_fused_kernels_work`)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and _fused_kernels_work())
+
+
+def _unwatched(producer: nn.Module, block: nn.Module) -> bool:
+    """No hook can hold the tensor ``producer`` returned and ``block`` takes: none on the
+    producer's output, none on the block's input (its own hooks and pre-hooks), no global one.
+    Then the block may write its sum into that tensor."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    return not (producer._forward_hooks or block._forward_hooks or block._forward_pre_hooks)
 
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -109,9 +198,18 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(
                 _conv(c_in, width * EXPANSION, 1, stride), FrozenBatchNorm2d(width * EXPANSION)
             )
-        self.fold = True  # see ResNet.fold_norms
+        self.fold = self.fuse = True  # see ResNet.fold_norms
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, reuse_input: bool = False) -> Tensor:
+        """``reuse_input``: the block may write its output into ``x``'s buffer (its stage says
+        so when nothing else can see ``x``; see :class:`Stage`)."""
+        if self.fold and self.fuse and _fusable(x):
+            out = _conv_norm_relu(self.conv1, self.bn1, x, relu=True)
+            out = _conv_norm_relu(self.conv2, self.bn2, out, relu=True)
+            if self.downsample is None:
+                return _conv_norm_add_relu(x, self.conv3, self.bn3, out, in_place=reuse_input)
+            residual = _conv_norm_relu(self.downsample[0], self.downsample[1], x, relu=False)
+            return _conv_norm_add_relu(residual, self.conv3, self.bn3, out, in_place=True)
         out = self.relu(_conv_norm(self.conv1, self.bn1, x, self.fold))
         out = self.relu(_conv_norm(self.conv2, self.bn2, out, self.fold))
         out = _conv_norm(self.conv3, self.bn3, out, self.fold)
@@ -125,11 +223,30 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-def _stage(c_in: int, width: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
+class Stage(nn.Sequential):
+    """A stage's bottlenecks, run in order (an ``nn.Sequential``: the same state dict keys).
+
+    Each block after the first may write its output into its input's buffer, which saves a
+    fresh activation per block (55 MB each in the R50's first stage at the official size), unless
+    a forward hook could hold that tensor: a hook on the block before (its output) or on the
+    block itself (its input), or a global one. The first block's input (the stage's) is never
+    written: its downsample path makes the residual a new tensor.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        previous = None
+        for block in self:
+            reuse = previous is not None and _unwatched(previous, block)
+            x = block(x, reuse_input=reuse)
+            previous = block
+        return x
+
+
+def _stage(c_in: int, width: int, blocks: int, stride: int, dilation: int) -> Stage:
     """``blocks`` bottlenecks; the first one changes the shape (``stride`` 1 when dilated)."""
     first = Bottleneck(c_in, width, stride, 1, downsample=True)
     rest = (Bottleneck(width * EXPANSION, width, 1, dilation, False) for _ in range(blocks - 1))
-    return nn.Sequential(first, *rest)
+    return Stage(first, *rest)
 
 
 class ResNet(nn.Module):
@@ -154,22 +271,27 @@ class ResNet(nn.Module):
         self.layer2 = _stage(256, 128, depths[1], 2, 1)
         self.layer3 = _stage(512, 256, depths[2], 2, 1)
         self.layer4 = _stage(1024, 512, depths[3], 1 if dilation else 2, 2 if dilation else 1)
-        self.fold, self.channels_last = True, True
+        self.fold = self.fuse = self.channels_last = True
 
-    def fold_norms(self, fold: bool = True, channels_last: bool = True) -> ResNet:
+    def fold_norms(self, fold: bool = True, channels_last: bool = True,
+                   fuse: bool = True) -> ResNet:
         """Fold each frozen norm into its convolution and run the folded convolutions on
-        channels-last activations (the default: fastest, same parameters), fold them only, or
-        run the norms as modules, as torchvision does (``fold=False``: bit for bit its float32
-        output)."""
+        channels-last activations, their ReLU and residual sum fused into them where no
+        gradient is recorded (the default: fastest, same parameters); without fusing
+        (``fuse=False``); fold them only; or run the norms as modules, as torchvision does
+        (``fold=False``: bit for bit its float32 output)."""
+        self.channels_last = fold and channels_last
         for module in self.modules():
             if isinstance(module, (ResNet, Bottleneck)):
-                module.fold = fold
-        self.channels_last = fold and channels_last
+                module.fold, module.fuse = fold, self.channels_last and fuse
         return self
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:  # every activation follows the input's memory format
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(self.relu(_conv_norm(self.conv1, self.bn1, x, self.fold)))
+        if self.fold and self.fuse and _fusable(x):
+            x = self.maxpool(_conv_norm_relu(self.conv1, self.bn1, x, relu=True))
+        else:
+            x = self.maxpool(self.relu(_conv_norm(self.conv1, self.bn1, x, self.fold)))
         # the features leave in the usual layout: views and hooks downstream see no difference
         return self.layer4(self.layer3(self.layer2(self.layer1(x)))).contiguous()

@@ -16,9 +16,10 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import detr_viz
+from detr_viz import resnet
 from detr_viz.errors import ArgumentError
 from detr_viz.model import build_model
-from detr_viz.resnet import ResNet
+from detr_viz.resnet import ResNet, _fused_kernels_work
 from detr_viz.testing import recipe_input, recipe_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,101 @@ def test_hooks_on_backbone_and_stages_see_the_same_features_folded_or_not(one_to
     for name, (folded, modules) in seen.items():
         torch.testing.assert_close(folded, modules, rtol=1e-12, atol=1e-12, msg=name)
     assert torch.equal(seen["backbone"][0], seen["layer4"][0])
+
+
+needs_fused = pytest.mark.skipif(
+    not _fused_kernels_work(),
+    reason="this PyTorch build has no oneDNN fused convolutions (the body runs unfused)")
+
+
+@needs_fused
+def test_fused_epilogues_are_as_close_to_float64_as_the_unfused_convolutions(
+        pair, pair64, one_torch_thread):
+    """Fusing the ReLU and the residual sum into oneDNN's convolution changes where the sum is
+    done, not the float32 arithmetic: as close to float64 as the unfused channels-last body
+    (equal on an AMD EPYC, measured), on odd sizes too."""
+    ours, _ = pair
+    ours64, _ = pair64
+    for hw in ((64, 96), (65, 97)):
+        x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(hw[1]))
+        with torch.inference_mode():
+            ref = ours64.fold_norms(False)(x.double())
+            fused = ours.fold_norms(True)(x).double()
+            unfused = ours.fold_norms(True, fuse=False)(x).double()
+        ours.fold_norms(True)
+        assert fused.shape == ref.shape
+        assert (fused - ref).abs().mean() <= 1.25 * (unfused - ref).abs().mean()
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.fixture
+def sums(monkeypatch):
+    """Each fused residual sum the body runs, as (block, in_place)."""
+    calls = []
+    original = resnet._conv_norm_add_relu
+
+    def counted(residual, conv, norm, x, in_place):
+        calls.append(in_place)
+        return original(residual, conv, norm, x, in_place)
+
+    monkeypatch.setattr(resnet, "_conv_norm_add_relu", counted)
+    return calls
+
+
+@needs_fused
+def test_without_gradients_every_block_sums_in_place_and_with_them_none_is_fused(
+        sums, one_torch_thread):
+    body = ResNet("resnet50").eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        body(x)
+    assert sums == [True] * 16  # 3 + 4 + 6 + 3 bottlenecks: the downsample's or the input's
+    sums.clear()
+    with torch.no_grad():
+        body(x)
+    assert sums == [True] * 16
+    sums.clear()
+    out = body(x)  # gradients recorded: the unfused convolutions, which have a backward
+    assert sums == [] and out.requires_grad
+
+
+@needs_fused
+@pytest.mark.parametrize("where", ["output of a block", "input of a block", "global"])
+def test_a_hooked_tensor_is_never_overwritten_by_the_next_block(where, sums, one_torch_thread):
+    """A block writes its sum into its input only if no hook can hold that tensor: what a
+    notebook's hook saved stays what the block returned."""
+    body = ResNet("resnet50").eval()
+    body.load_state_dict(recipe_state_dict(body))
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        unhooked = body(x)
+    saved = []
+
+    def keep(module, args, output=None):
+        tensor = args[0] if output is None else output
+        saved.append((tensor, tensor.clone()))
+
+    if where == "output of a block":
+        hook = body.layer1[0].register_forward_hook(keep)
+    elif where == "input of a block":
+        hook = body.layer1[1].register_forward_pre_hook(keep)
+    else:
+        hook = torch.nn.modules.module.register_module_forward_hook(keep)
+    sums.clear()
+    try:
+        with torch.inference_mode():
+            hooked = body(x)
+    finally:
+        hook.remove()
+    assert saved and all(torch.equal(kept, copy) for kept, copy in saved)
+    assert torch.equal(hooked, unhooked)
+    # the block after the hooked one got a new buffer; with a global hook every block did
+    expected = [True] * 16
+    if where == "global":
+        expected = [not i for i in (0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1)]
+    else:
+        expected[1] = False
+    assert sums == expected
 
 
 def test_dc5_dilates_like_torchvision():
