@@ -130,7 +130,7 @@ def _fused_kernels_work() -> bool:
     """Whether this PyTorch has oneDNN's fused convolutions and they compute what F.conv2d +
     ReLU / + sum + ReLU computes (a 16-channel probe, once per process). A PyTorch without
     them, or one whose private operators changed, takes the unfused path."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    if not torch.backends.mkldnn.is_available():
         return False
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 6, 7, generator=generator).contiguous(memory_format=torch.channels_last)
@@ -154,9 +154,11 @@ def _fused_kernels_work() -> bool:
 
 def _fusable(x: Tensor) -> bool:
     """Whether the body may run ``x`` through the fused kernels: float32 channels-last on the
-    CPU, no gradient recorded, and the kernels present (:func:`_fused_kernels_work`)."""
+    CPU, no gradient recorded, oneDNN enabled (``torch.backends.mkldnn.flags``) and the
+    kernels present (:func:`_fused_kernels_work`)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and torch.backends.mkldnn.enabled and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
             and _fused_kernels_work())
 
 
