@@ -101,9 +101,11 @@ def _conv_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor, fold: bool) 
 # F.conv2d on channels-last activations, so the same float32 arithmetic; the gain is memory
 # traffic. At the official size the R50 body writes 55 MB activations, and an unfused ReLU or
 # sum reads and writes each once more; a fresh output that large is fresh pages from the kernel
-# (page faults and zeroing). Measured (benchmarks/backbone.py): the R50 body 0.87x the time, its
-# page faults 80k -> 7k. They are private operators without a backward, used only where no
-# gradient is recorded; _fusable() checks once that they exist and agree with F.conv2d.
+# (page faults and zeroing). Measured (python -m benchmarks.backbone, AMD EPYC, 2026-12-07): the
+# R50 body 0.88x the unfused time, DC5 0.93x, page faults per run 80k -> 27k; the output equal
+# to the unfused one there. They are private operators without a backward, used only where no
+# gradient is recorded; _fused_kernels_work() checks once that they exist and agree with
+# F.conv2d.
 def _conv_norm_relu(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor, relu: bool) -> Tensor:
     """``relu(norm(conv(x)))`` (or without the ReLU) in one oneDNN call; x channels-last."""
     weight, shift = _folded(conv, norm, x)
