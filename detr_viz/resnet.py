@@ -234,14 +234,18 @@ class Stage(nn.Sequential):
     fresh activation per block (55 MB each in the R50's first stage at the official size), unless
     a forward hook could hold that tensor: a hook on the block before (its output) or on the
     block itself (its input), or a global one. The first block's input (the stage's) is never
-    written: its downsample path makes the residual a new tensor.
+    written: its downsample path makes the residual a new tensor. Nor is what a module other
+    than a bottleneck returned (one a notebook put in a block's place).
     """
 
     def forward(self, x: Tensor) -> Tensor:
         previous = None
         for block in self:
-            reuse = previous is not None and _unwatched(previous, block)
-            x = block(x, reuse_input=reuse)
+            if isinstance(block, Bottleneck):  # a module put in its place is called as is
+                ours = isinstance(previous, Bottleneck)  # and what it returns never reused
+                x = block(x, reuse_input=ours and _unwatched(previous, block))
+            else:
+                x = block(x)
             previous = block
         return x
 

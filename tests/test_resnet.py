@@ -236,6 +236,30 @@ def test_a_hooked_tensor_is_never_overwritten_by_the_next_block(where, sums, one
     assert sums == expected
 
 
+@needs_fused
+def test_a_module_put_in_a_blocks_place_runs_and_its_output_is_not_overwritten(
+        sums, one_torch_thread):
+    """A notebook may replace a block (pruning, an ablation): the stage calls it as
+    nn.Sequential would, and the next block does not write into what it returned."""
+    body = ResNet("resnet50").eval()
+    body.load_state_dict(recipe_state_dict(body))
+    kept = []
+
+    class Keeps(torch.nn.Module):  # keeps what it returns, as a cache would
+        def forward(self, x):
+            kept.append((x, x.clone()))
+            return x
+
+    body.layer1[1] = Keeps()
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fused = body(x)
+        unfused = body.fold_norms(True, fuse=False)(x)
+    assert torch.equal(kept[0][0], kept[0][1])
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * unfused.abs().max().item())
+    assert sums[:2] == [True, False]  # layer1[0] (downsample), layer1[2] after the stand-in
+
+
 def test_dc5_dilates_like_torchvision():
     ours, oracle = ResNet("resnet50", dilation=True), torchvision_body("resnet50", True)
     convs = [(n, m) for n, m in ours.named_modules() if isinstance(m, torch.nn.Conv2d)]
