@@ -36,6 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 
 from detr_viz.errors import ArgumentError
 
@@ -137,7 +138,8 @@ def _fused_kernels_work() -> bool:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 6, 7, generator=generator).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(1, 16, 6, 7, generator=generator)
-    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    # weights never drawn from torch's global generator: the caller's random state stays as is
+    conv = nn.utils.skip_init(nn.Conv2d, 16, 16, 3, padding=1, bias=False)
     norm = FrozenBatchNorm2d(16)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / 12)
@@ -168,8 +170,6 @@ def _unwatched(producer: nn.Module, block: nn.Module) -> bool:
     """No hook can hold the tensor ``producer`` returned and ``block`` takes: none on the
     producer's output, none on the block's input (its own hooks and pre-hooks), no global one.
     Then the block may write its sum into that tensor."""
-    from torch.nn.modules import module as nn_module
-
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
     return not (producer._forward_hooks or block._forward_hooks or block._forward_pre_hooks)

@@ -166,9 +166,18 @@ def test_fused_epilogues_are_as_close_to_float64_as_the_unfused_convolutions(
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def test_checking_the_fused_kernels_leaves_torchs_random_state_as_it_was():
+    """The check runs at a model's first forward, in the user's process: a notebook seeding
+    torch before it must draw the same numbers after it."""
+    _fused_kernels_work.cache_clear()
+    before = torch.random.get_rng_state()
+    _fused_kernels_work()
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 @pytest.fixture
 def sums(monkeypatch):
-    """Each fused residual sum the body runs, as (block, in_place)."""
+    """Whether each fused residual sum the body runs was written in place, in order."""
     calls = []
     original = resnet._conv_norm_add_relu
 
