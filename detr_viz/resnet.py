@@ -32,6 +32,7 @@ writes into a tensor a hook can hold).
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
 from detr_viz.errors import ArgumentError
+
+LOG = logging.getLogger("detr_viz")
 
 DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}  # bottlenecks per stage
 EXPANSION = 4  # a bottleneck's output has 4x the channels of its 3x3 convolution
@@ -132,9 +135,22 @@ def _conv_norm_add_relu(residual: Tensor, conv: nn.Conv2d, norm: FrozenBatchNorm
 def _fused_kernels_work() -> bool:
     """Whether this PyTorch has oneDNN's fused convolutions and they compute what F.conv2d +
     ReLU / + sum + ReLU computes (a 16-channel probe, once per process). A PyTorch without
-    them, or one whose private operators changed, takes the unfused path."""
+    them, or one whose private operators changed, takes the unfused path: the same results,
+    slower, and one log line on the ``detr_viz`` logger says why."""
+    problem = _fused_kernels_problem()
+    if problem is None:
+        return True
+    level, reason = problem
+    LOG.log(level, "The ResNet body runs its ReLUs and residual sums apart from the "
+            "convolutions (the same results, slower): oneDNN's fused convolutions %s.", reason)
+    return False
+
+
+def _fused_kernels_problem() -> tuple[int, str] | None:
+    """Why the fused kernels cannot be used here, with a log level, or None when they can:
+    missing is expected of some builds (info), wrong results mean PyTorch changed (warning)."""
     if not torch.backends.mkldnn.is_available():
-        return False
+        return logging.INFO, "are not in this PyTorch build (no oneDNN)"
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 6, 7, generator=generator).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(1, 16, 6, 7, generator=generator)
@@ -149,11 +165,15 @@ def _fused_kernels_work() -> bool:
             apart = _conv_norm_add_relu(residual, conv, norm, x, in_place=False)
             into = residual.contiguous(memory_format=torch.channels_last)
             _conv_norm_add_relu(into, conv, norm, x, in_place=True)
-        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
-            return False
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError) as error:
+            return logging.INFO, (f"failed in this PyTorch {torch.__version__} "
+                                  f"({type(error).__name__}: {error})")
         summed = (want + residual).relu()
         close = functools.partial(torch.allclose, rtol=1e-5, atol=1e-5)
-        return close(relu, want.relu()) and close(apart, summed) and close(into, summed)
+        if close(relu, want.relu()) and close(apart, summed) and close(into, summed):
+            return None
+        return logging.WARNING, (f"disagree with F.conv2d in this PyTorch {torch.__version__} "
+                                 "(a change to its private operators)")
 
 
 def _fusable(x: Tensor) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import pkgutil
 import subprocess
 import sys
@@ -176,9 +177,60 @@ def test_checking_the_fused_kernels_leaves_torchs_random_state_as_it_was():
 
 
 @pytest.fixture
+def fresh_kernel_check():
+    """The once-per-process kernel check run again; afterwards run once more, with whatever the
+    test patched undone (this fixture is set up before monkeypatch, so torn down after it)."""
+    _fused_kernels_work.cache_clear()
+    yield
+    _fused_kernels_work.cache_clear()
+    _fused_kernels_work()
+
+
+def test_a_pytorch_without_the_fused_kernels_runs_unfused_and_says_why(
+        fresh_kernel_check, monkeypatch, caplog, one_torch_thread):
+    def missing(*args, **kwargs):
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setattr(resnet, "_conv_norm_relu", missing)
+    body = ResNet("resnet50").eval()
+    x = recipe_input(64, 96)
+    with caplog.at_level(logging.INFO, logger="detr_viz"), torch.inference_mode():
+        out = body(x)
+        want = body.fold_norms(True, fuse=False)(x)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)  # the unfused path, bit for bit
+    [record] = [r for r in caplog.records if "fused convolutions" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert "failed in this PyTorch" in record.getMessage()
+    assert "no such operator" in record.getMessage()
+
+
+def test_fused_kernels_that_compute_something_else_are_not_used_and_warned_about(
+        fresh_kernel_check, monkeypatch, caplog):
+    original = resnet._conv_norm_add_relu
+
+    def off_by_one(residual, conv, norm, x, in_place):
+        return original(residual, conv, norm, x, in_place).add_(1)
+
+    monkeypatch.setattr(resnet, "_conv_norm_add_relu", off_by_one)
+    with caplog.at_level(logging.INFO, logger="detr_viz"):
+        assert not _fused_kernels_work()
+    [record] = [r for r in caplog.records if "fused convolutions" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "disagree with F.conv2d" in record.getMessage()
+
+
+@needs_fused
+def test_working_fused_kernels_log_nothing(fresh_kernel_check, caplog):
+    with caplog.at_level(logging.INFO, logger="detr_viz"):
+        assert _fused_kernels_work()
+    assert not [r for r in caplog.records if "fused convolutions" in r.getMessage()]
+
+
+@pytest.fixture
 def sums(monkeypatch):
     """Whether each fused residual sum the body runs was written in place, in order."""
     calls = []
+    _fused_kernels_work()  # its probe's sums are not the body's
     original = resnet._conv_norm_add_relu
 
     def counted(residual, conv, norm, x, in_place):
