@@ -160,13 +160,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's name, with its family and model numbers where Linux gives them: machines of one
+    name differ in generation (the machines called "AMD EPYC" here have been more than one), and
+    ratios of convolution-bound to memory-bound work move with the generation."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine_info() -> dict[str, str]:
@@ -181,6 +188,7 @@ def machine_info() -> dict[str, str]:
         "date": datetime.date.today().isoformat(),
         "cpus (nproc)": str(usable),
         "cpu model": cpu_model(),
+        "torch's CPU kernels": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX512, AVX2
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch threads (intra / inter-op)": (
