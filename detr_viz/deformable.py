@@ -179,11 +179,16 @@ def describe_deformable(path: str | os.PathLike[str], *, labels: Labels | None =
     """The :class:`ModelSpec` of a deformable checkpoint, from config.json alone. ``heads``
     is the decoder's cross-attention heads; ``encoder_layers`` the layers with attention the
     analysis keeps (deformable, or RT-DETR's AIFI layers; 0 for LW-DETR and RF-DETR)."""
+    folder = _folder(path)
+    return _spec(read_deformable_config(folder), folder, path, labels)
+
+
+def _spec(config: dict[str, Any], folder: Path, path: str | os.PathLike[str],
+          labels: Labels | None) -> ModelSpec:
+    """describe_deformable's answer from the vetted config.json it read."""
     from detr_viz.hf_families import config_labels
     from detr_viz.weights import checkpoint_name
 
-    folder = _folder(path)
-    config = read_deformable_config(folder)
     kind, family = config["model_type"], DEFORMABLE[config["model_type"]]
     if weights_file(folder) is None:
         raise WeightsUnavailableError(
@@ -226,12 +231,12 @@ def load_deformable(path: str | os.PathLike[str], *, labels: Labels | None = Non
                     dtype: torch.dtype = torch.float32) -> DeformableDetector:
     """The deformable checkpoint at ``path`` (a folder, or a file in it) as a
     :class:`DeformableDetector` (CPU, eval mode, no gradients, eager attention)."""
-    spec = describe_deformable(path, labels=labels)
+    folder = _folder(path)
+    raw = read_deformable_config(folder)  # read once: the spec and the model agree
+    spec = _spec(raw, folder, path, labels)
     transformers = import_transformers(spec.architecture)
     from detr_viz.hf_families import check_loading, loading_error
 
-    folder = _folder(path)
-    raw = read_deformable_config(folder)
     fields = {k: v for k, v in raw.items() if k not in _DROPPED}
     backbone, _ = _backbone(raw, folder / "config.json")
     if backbone is not None:

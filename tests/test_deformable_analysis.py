@@ -96,6 +96,20 @@ def test_load_model_reads_the_family_sizes_and_labels_from_config(folders, famil
                                          "lw_detr": "LW-DETR", "rf_detr": "RF-DETR"}[family])
 
 
+def test_loading_reads_config_json_once_so_spec_and_model_come_from_one_reading(folders,
+                                                                             monkeypatch):
+    from detr_viz import deformable
+
+    read = []
+    original = deformable.read_json
+    monkeypatch.setattr(deformable, "read_json",
+                        lambda path: read.append(path.name) or original(path))
+    model = deformable.load_deformable(folders["rt_detr"])
+    assert read.count("config.json") == 1
+    assert model.spec.decoder_layers == model.hf.config.decoder_layers == 2
+    assert model.spec.num_queries == model.hf.config.num_queries == 7
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_predictions_are_transformers_own_on_its_processors_pixels(analyses, folders, photo,
                                                                     family):
