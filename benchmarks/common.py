@@ -188,7 +188,12 @@ def machine_info() -> dict[str, str]:
         "date": datetime.date.today().isoformat(),
         "cpus (nproc)": str(usable),
         "cpu model": cpu_model(),
-        "torch's CPU kernels": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX512, AVX2
+        # e.g. AVX512, AVX2; ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them (what a
+        # laptop without AVX-512 runs, on this machine)
+        "torch's CPU kernels / ONEDNN_MAX_CPU_ISA": (
+            f"{torch.backends.cpu.get_cpu_capability()} / "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}"
+        ),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch threads (intra / inter-op)": (
