@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +57,19 @@ def describe_family(path: str | os.PathLike[str], *, labels: Labels | None = Non
     if hf_family_of(path) in DEFORMABLE:
         _no_settings(path, heads, dilation)
         return describe_deformable(path, labels=labels)
-    info = open_hf_family(path)
-    config = read_family_config(info.folder)
+    return _spec(path, _read_config(path), labels, heads, dilation)
+
+
+def _read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The vetted config.json of the checkpoint folder (or a file in it) at ``path``."""
+    path = Path(path).expanduser()
+    return read_family_config(path.parent if path.is_file() else path)
+
+
+def _spec(path: str | os.PathLike[str], config: dict[str, Any], labels: Labels | None,
+          heads: int | None, dilation: bool | None) -> ModelSpec:
+    """describe_family's answer from the config.json it read."""
+    info = open_hf_family(path, config)
     dc5 = info.stride == 16
     for what, given, recorded in (("heads", heads, info.encoder_heads),
                                   ("DC5 dilation", dilation, dc5)):
@@ -117,11 +129,13 @@ def load_family(path: str | os.PathLike[str], *, labels: Labels | None = None,
     if hf_family_of(path) in DEFORMABLE:
         _no_settings(path, heads, dilation)
         return load_deformable(path, labels=labels, dtype=dtype)
-    spec = describe_family(path, labels=labels, heads=heads, dilation=dilation)
+    config = _read_config(path)  # read once: the spec and the model agree
+    spec = _spec(path, config, labels, heads, dilation)
     import_transformers(spec.architecture)  # what load_hf_family imports, checked here
     from detr_viz.hf_families import load_hf_family
 
-    return HFDetector(load_hf_family(path, dtype=dtype), spec).eval().requires_grad_(False)
+    model = load_hf_family(path, dtype=dtype, config=config)
+    return HFDetector(model, spec).eval().requires_grad_(False)
 
 
 def analyze_hf(model: HFDetector, model_input: ModelInput) -> Analysis:

@@ -73,9 +73,10 @@ class HFFamilyCheckpoint:
     labels: tuple[str, ...]
 
 
-def open_hf_family(folder: str | os.PathLike[str]) -> HFFamilyCheckpoint:
+def open_hf_family(folder: str | os.PathLike[str],
+                   config: dict[str, Any] | None = None) -> HFFamilyCheckpoint:
     """Vet the checkpoint folder (or a file in it: its weights file, config.json) from its
-    config.json alone.
+    config.json alone (``config``: what :func:`read_family_config` already read from it).
 
     Raises :class:`WeightsUnavailableError` (no config.json, no weights file),
     :class:`CorruptCheckpointError` (config.json is not a JSON object),
@@ -84,7 +85,7 @@ def open_hf_family(folder: str | os.PathLike[str]) -> HFFamilyCheckpoint:
     """
     path = Path(folder).expanduser()
     folder = path.parent if path.is_file() else path
-    config = read_family_config(folder)
+    config = read_family_config(folder) if config is None else config
     family, _ = FAMILIES[config["model_type"]]
     weights = path if path.name in WEIGHT_FILES and path.is_file() else weights_file(folder)
     if weights is None:
@@ -197,10 +198,12 @@ def config_labels(config: dict[str, Any], source: Path) -> tuple[str, ...]:
     return tuple(ids[i] for i in range(len(ids)))
 
 
-def load_hf_family(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32):
+def load_hf_family(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+                   config: dict[str, Any] | None = None):
     """transformers' ``ConditionalDetrForObjectDetection`` / ``DabDetrForObjectDetection`` from
     ``folder`` (as :func:`open_hf_family` takes it): eval mode, ``requires_grad`` off, eager
-    attention, parameters in ``dtype``.
+    attention, parameters in ``dtype``. ``config``: config.json as :func:`read_family_config`
+    already read it (the caller's spec and the model then come from one reading).
 
     Built from the vetted config.json with a random-initialised backbone, then every weight from
     the folder's file (legacy transformers 4.x key names are renamed by transformers). Raises as
@@ -210,8 +213,8 @@ def load_hf_family(folder: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     """
     import transformers
 
-    info = open_hf_family(folder)
-    raw = read_family_config(info.folder)
+    info = open_hf_family(folder, config)
+    raw = read_family_config(info.folder) if config is None else config
     config_class = transformers.CONFIG_MAPPING[raw["model_type"]]
     fields = {k: v for k, v in raw.items() if k not in _DROPPED}
     fields["backbone_config"] = backbone_config(raw, info.folder / "config.json")

@@ -85,6 +85,20 @@ def test_load_model_reads_the_family_and_analyze_gives_the_same_record(folders, 
     assert match.no_object is None and "no object" not in match.sentence
 
 
+def test_loading_reads_config_json_once_so_spec_and_model_come_from_one_reading(folders,
+                                                                             monkeypatch):
+    from detr_viz import families, hf_families
+
+    read = []
+    original = hf_families.read_json
+    monkeypatch.setattr(hf_families, "read_json",
+                        lambda path: read.append(path.name) or original(path))
+    model = families.load_family(folders["dab_detr"])
+    assert read.count("config.json") == 1
+    assert model.spec.decoder_layers == model.hf.config.decoder_layers == 2
+    assert model.spec.num_queries == model.hf.config.num_queries == 7
+
+
 @pytest.mark.parametrize("family", CLASSES)
 def test_captured_attention_is_transformers_own_in_float64(folders, family):
     """Per layer and head, against ``output_attentions=True`` of the same weights. DAB-DETR
