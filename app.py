@@ -28,15 +28,9 @@ from detr_viz.ui.memo import memo
 from detr_viz.ui.photo import choose_photo
 from detr_viz.ui.resources import Run
 from detr_viz.ui.sidebar import Controls, sidebar
+from detr_viz.weights import PROVENANCE_NOTES
 
 log = logging.getLogger("detr_viz.app")
-PROVENANCE = {
-    "huggingface": "a Hugging Face checkpoint ({checkpoint}): the transformers port of DETR, "
-                   "which cannot be checked byte for byte against the official release.",
-    "other": "These weights ({checkpoint}) are not the official {variant} release (their "
-             "SHA-256 differs), so the page shows what these weights do, not what the "
-             "published DETR detects.",
-}
 
 
 def provenance_note(run: Run) -> None:
@@ -49,10 +43,14 @@ def provenance_note(run: Run) -> None:
                        "(What the checkpoint may not record, Class names).")
         return
     kind = resources.get_provenance(run.variant, run.checkpoint)
+    if kind not in PROVENANCE_NOTES:
+        return
+    note = PROVENANCE_NOTES[kind].format(checkpoint=run.checkpoint, variant=run.variant,
+                                         what="the page shows")
     if kind == "other":
-        st.warning(PROVENANCE["other"].format(checkpoint=run.checkpoint, variant=run.variant))
-    elif kind == "huggingface":
-        st.caption("Weights: " + PROVENANCE["huggingface"].format(checkpoint=run.checkpoint))
+        st.warning(note)
+    else:
+        st.caption("Weights: " + note)
 
 
 def summary(run: Run, name: str, threshold: float, count_slot) -> None:

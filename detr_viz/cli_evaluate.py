@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 from detr_viz.batch import ProgressBar, parse_methods
-from detr_viz.cli_analyze import device_of
-from detr_viz.device import describe_device, resolve_device
+from detr_viz.cli_analyze import device_of, say_model
 from detr_viz.errors import ArgumentError, DetrVizError
 from detr_viz.eval_report import aggregate, markdown, report_html
 from detr_viz.evaluation import evaluate_photo, gt_energy, read_annotations
 from detr_viz.results import ResultStore, atomic_write
-from detr_viz.weights import load_model
+from detr_viz.weights import load_model, provenance_note
 
 CSV_COLUMNS = ("photo", "source", "query", "label", "score", "method", "deletion_auc",
                "random_deletion_auc", "insertion_auc", "random_insertion_auc", "pointing",
@@ -41,8 +40,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model or settings["variant"], args.checkpoint or
                        settings["checkpoint"], device=device,
                        **{k: same[k] if given[k] is None else given[k] for k in same})
-    print(f"detr-viz: {model.spec.title} on {describe_device(resolve_device(device))}",
-          file=sys.stderr)
+    say_model(model, device)
     rows, failed, bar = [], 0, ProgressBar(len(records))
     for record in records:
         try:
@@ -59,13 +57,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
         rows += mine
         bar.step(failed=not mine and bool(record["detections"]))
     table = aggregate(rows, methods, resamples=args.bootstrap)
+    about = scored(model, len(records) - failed, failed)
     _write_csv(store.root / "evaluation.csv", rows)
-    atomic_write(store.root / "evaluation.md", markdown(table))
-    atomic_write(store.root / "evaluation.html", report_html(table, rows, methods))
+    atomic_write(store.root / "evaluation.md", "".join(f"{line}\n\n" for line in about)
+                 + markdown(table))
+    atomic_write(store.root / "evaluation.html",
+                 report_html(table, rows, methods, about=about))
     print(markdown(table))
     print(f"detr-viz: {len(rows)} scores of {len(records) - failed} photos; "
           f"{store.root / 'evaluation.html'}", file=sys.stderr)
     return failed
+
+
+def scored(model, photos: int, failed: int) -> list[str]:
+    """What the report scored: the model, its weights file and whether a released model's
+    file is that release, and the photos."""
+    spec = model.spec
+    weights = Path(spec.source).name if spec.source else "built without a file"
+    lines = [f"Model: {spec.title}; weights: {weights}.",
+             f"Photos: {photos} scored" + (f", {failed} failed." if failed else ".")]
+    note = provenance_note(spec, what="these scores describe")
+    return lines + ([note] if note else [])
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

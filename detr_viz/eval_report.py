@@ -119,8 +119,10 @@ def bars_figure(table: dict[str, dict[str, Estimate]], stat: str, title: str) ->
 
 
 def report_html(table: dict[str, dict[str, Estimate]], rows: Sequence[dict],
-                methods: Sequence[str], title: str = "detr-viz evaluation") -> str:
-    """A self-contained HTML page: the table and the plots (plotly.js embedded once)."""
+                methods: Sequence[str], title: str = "detr-viz evaluation",
+                about: Sequence[str] = ()) -> str:
+    """A self-contained HTML page: ``about`` (lines saying what was scored: model, weights,
+    photos), the table and the plots (plotly.js embedded once)."""
     figures: list[tuple[str, Callable[[], go.Figure]]] = [
         ("deletion", lambda: curves_figure(rows, methods, "deletion")),
         ("insertion", lambda: curves_figure(rows, methods, "insertion")),
@@ -134,7 +136,9 @@ def report_html(table: dict[str, dict[str, Estimate]], rows: Sequence[dict],
         for m, s in table.items())
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              "</title></head><body style='font-family:sans-serif'>",
-             f"<h1>{html.escape(title)}</h1><p>Means over detections, 95 % bootstrap intervals "
+             f"<h1>{html.escape(title)}</h1>",
+             *(f"<p>{html.escape(line)}</p>" for line in about),
+             "<p>Means over detections, 95 % bootstrap intervals "
              "(photos resampled) in brackets.</p><table border='1' cellpadding='4'><tr>"
              + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{cells}</table>"]
     for i, (_, build) in enumerate(figures):

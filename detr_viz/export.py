@@ -3,7 +3,8 @@
 What is exported is what the page shows: the kept detections at the chosen threshold and the
 maps of the chosen explanation method (raw attention of the chosen layer and head, rollout or
 relevance), at feature resolution, with everything needed to put them back on the photo
-(sizes, stride, feature grid), and the faithfulness scores computed so far. Deformable
+(sizes, stride, feature grid), and the faithfulness scores computed so far. The settings name
+the weights file and say whether a released variant's file is that release byte for byte. Deformable
 models add the kept detections' sampling points in the chosen decoder layer (photo pixels, with
 their weights) and the reference boxes of every layer.
 """
@@ -15,6 +16,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -135,6 +137,7 @@ def _settings(analysis: Analysis, view: View) -> dict:
     return {
         "variant": analysis.variant,
         "model": analysis.spec.title,
+        **_weights(analysis.spec),
         "threshold": view.threshold,
         "method": view.method,
         "encoder_layer": view.encoder_layer % encoder if encoder else None,
@@ -146,6 +149,18 @@ def _settings(analysis: Analysis, view: View) -> dict:
         **({"decoder_level": view.decoder_level, "encoder_level": view.encoder_level}
            if analysis.sparse else {}),
     }
+
+
+def _weights(spec) -> dict:
+    """The weights file's name (not its folder: an export is shared) and whether it is the
+    official release byte for byte: True or False for a released variant's checkpoint (a
+    file under the official name can be anything), None where that cannot be asked (a
+    fine-tuned or other family's checkpoint, a Hugging Face port, a model without a file)."""
+    from detr_viz.weights import weights_provenance  # SHA-256 once per file and process
+
+    kind = weights_provenance(spec)
+    return {"checkpoint": Path(spec.source).name if spec.source else None,
+            "official_release": None if kind in (None, "huggingface") else kind == "official"}
 
 
 def scores_record(scores: Scores) -> list[dict]:

@@ -85,10 +85,12 @@ __all__ = [  # with names kept here from detr_viz.lookup and detr_viz.hf_checkpo
     "is_official_release",
     "load_checkpoint",
     "load_model",
+    "provenance_note",
     "read_checkpoint",
     "read_model",
     "read_training_checkpoint",
     "resolve_checkpoint",
+    "weights_provenance",
 ]
 
 
@@ -253,6 +255,36 @@ def checkpoint_provenance(path: str | os.PathLike[str], variant: str) -> Provena
     if is_hf_checkpoint(path):
         return "huggingface"
     return "official" if is_official_release(path, variant) else "other"
+
+
+# What a page or a command line says about weights loaded for a released variant, by
+# checkpoint_provenance; nothing for the release itself.
+PROVENANCE_NOTES = {
+    "huggingface": "a Hugging Face checkpoint ({checkpoint}): the transformers port of DETR, "
+                   "which cannot be checked byte for byte against the official release.",
+    "other": "These weights ({checkpoint}) are not the official {variant} release (their "
+             "SHA-256 differs), so {what} what these weights do, not what the published DETR "
+             "detects.",
+}
+
+
+def weights_provenance(spec: ModelSpec) -> Provenance | None:
+    """:func:`checkpoint_provenance` of the file a loaded model's weights came from
+    (``spec.source``), or None where the question does not arise: a checkpoint that is not one
+    of the released variants (fine-tuned, another family), or a model built without a file."""
+    if not spec.official or not spec.source:
+        return None
+    return checkpoint_provenance(spec.source, spec.name)
+
+
+def provenance_note(spec: ModelSpec, what: str = "the page shows") -> str | None:
+    """The sentence to show beside results of a model loaded for a released variant from a
+    file that is not that release ("other"), or from a Hugging Face port; else None.
+    ``what`` names who shows the results ("the page shows", "these results show")."""
+    kind = weights_provenance(spec)
+    if kind not in PROVENANCE_NOTES:
+        return None
+    return PROVENANCE_NOTES[kind].format(checkpoint=spec.source, variant=spec.name, what=what)
 
 
 def resolve_checkpoint(

@@ -84,6 +84,9 @@ def test_analyze_writes_the_librarys_maps_and_skips_a_corrupt_photo(env, library
     assert status == 1  # one photo failed
     err = capsys.readouterr().err
     assert "3/3 photos" in err and "1 failed" in err
+    # stand-ins under the official name: said, as the page says it, and recorded in each export
+    assert ("detr-r50-e632da11.pth) are not the official detr_resnet50 release (their SHA-256 "
+            "differs), so these results show what these weights do") in err
     failures = read_csv(out / "failures.csv")
     assert [Path(f["source"]).name for f in failures] == ["broken.jpg"]
     assert failures[0]["reason"] and "broken.jpg" in err
@@ -106,7 +109,10 @@ def test_analyze_writes_the_librarys_maps_and_skips_a_corrupt_photo(env, library
             with np.load(folder / f"{FILE_NAMES[method]}.npz") as npz:
                 np.testing.assert_allclose(npz["decoder_maps"], maps, rtol=1e-5,
                                            atol=1e-6 * np.abs(maps).max())
-                assert json.loads(str(npz["settings"]))["method"] == method
+                settings = json.loads(str(npz["settings"]))
+                assert settings["method"] == method
+                assert settings["checkpoint"] == "detr-r50-e632da11.pth"
+                assert settings["official_release"] is False
             exported = json.loads((folder / f"{FILE_NAMES[method]}.json").read_text())
             assert exported["queries"] == queries
             for q in queries:

@@ -73,6 +73,10 @@ def test_evaluate_scores_as_the_library_and_matches_ground_truth(env, weights_di
     assert "| raw attention | " in table and "| rollout | " in table
     page = (out / "evaluation.html").read_text()
     assert page.count("plotly") > 3 and "Mean deletion curve" in page
+    for report in (table, page):  # what was scored, and that these are not the released weights
+        assert "Model: R50 (official COCO DETR R50); weights: detr-r50-e632da11.pth." in report
+        assert "Photos: 2 scored." in report
+        assert "so these scores describe what these weights do" in report
     before = len(forwards)
     assert main(["evaluate", str(out), "--steps", "3", "--bootstrap", "200"]) == 0
     assert len(forwards) == before  # every score was read back, nothing recomputed

@@ -50,6 +50,7 @@ def test_npz_holds_the_shown_view(analysis):
     assert tuple(data["original_size"]) == (400, 300)
     settings = json.loads(str(data["settings"]))
     assert settings == {"variant": "detr_resnet50", "model": "R50 (official COCO DETR R50)",
+                        "checkpoint": None, "official_release": None,  # built, not loaded
                         "threshold": 0.8, "method": "raw attention",
                         "encoder_layer": 2, "encoder_head": 4, "decoder_layer": 5,
                         "decoder_head": 3, "direction": "outgoing", "relevance_target": None}

@@ -33,6 +33,7 @@ from detr_viz.errors import (  # noqa: E402
     WeightsUnavailableError,
     WrongVariantError,
 )
+from detr_viz.export import _weights  # noqa: E402
 from detr_viz.hf_checkpoint import cached_snapshot, checkpoint_variant, hub_cache_dir  # noqa: E402
 from detr_viz.hf_keys import to_detr_state_dict  # noqa: E402
 from detr_viz.model import get_variant  # noqa: E402
@@ -43,6 +44,7 @@ from detr_viz.weights import (  # noqa: E402
     describe_sources,
     find_checkpoint,
     load_model,
+    provenance_note,
 )
 
 from conftest import RunsShell, raises  # noqa: E402
@@ -319,6 +321,9 @@ def test_hf_cache_is_found_and_loaded(monkeypatch, tmp_path, saved, hf_model):
     got = model.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert checkpoint_provenance(snapshots / "a1", R50) == "huggingface"
+    # what results say of it: a port that no hash can check, neither the release nor not
+    assert "the transformers port of DETR" in provenance_note(model.spec)
+    assert _weights(model.spec) == {"checkpoint": "a1", "official_release": None}
 
 
 @pytest.mark.parametrize(

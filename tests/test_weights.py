@@ -37,7 +37,9 @@ from detr_viz.weights import (
     find_checkpoint,
     is_official_release,
     load_model,
+    provenance_note,
     read_checkpoint,
+    weights_provenance,
 )
 
 from conftest import RunsShell, raises, recipe_model
@@ -200,6 +202,42 @@ def test_hub_file_is_hashed_once_for_loading_and_the_release_check(
     os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
     assert not is_official_release(path, R50)
     assert hashes == [path, path]
+
+
+def test_results_say_whether_a_released_models_file_is_that_release(
+    tmp_path, r50_file, r50_state, official_r50, monkeypatch
+):
+    """Byte for byte the release: nothing to warn about and ``official_release`` true. Another
+    file under the official name (a stand-in, a re-save, a fine-tuned file renamed): the
+    warning the page and the command line show, and ``official_release`` false in exports."""
+    from detr_viz.export import _weights
+
+    folder = tmp_path / "weights"
+    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+    place(r50_file, folder, official_r50)
+    spec = load_model(R50, download=False).spec
+    assert weights_provenance(spec) == "official" and provenance_note(spec) is None
+    assert _weights(spec) == {"checkpoint": official_r50, "official_release": True}
+
+    other = tmp_path / "other"
+    monkeypatch.setenv(WEIGHTS_ENV, str(other))
+    other.mkdir()
+    torch.save({"model": r50_state, "epoch": 1}, other / official_r50)  # the same, re-saved
+    spec = load_model(R50, download=False).spec
+    assert weights_provenance(spec) == "other"
+    assert provenance_note(spec, "these results show") == (
+        f"These weights ({other / official_r50}) are not the official detr_resnet50 release "
+        "(their SHA-256 differs), so these results show what these weights do, not what the "
+        "published DETR detects.")
+    assert _weights(spec) == {"checkpoint": official_r50, "official_release": False}
+
+
+def test_checkpoints_of_no_released_model_are_not_asked_about_the_release(r50_file):
+    finetuned = dataclasses.replace(load_model(R50, r50_file, download=False).spec,
+                                    official=False, name="mine")
+    built = recipe_model(R50).spec  # no file
+    for spec in (finetuned, built):
+        assert weights_provenance(spec) is None and provenance_note(spec) is None
 
 
 def test_downloaded_file_is_not_hashed_again(hub, r50_bytes, official_r50, hashes):
