@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from detr_viz.batch import BatchReport, BatchSettings, ProgressBar, _analyse, _decode, pending
-from detr_viz.device import resolve_device
+from detr_viz.device import describe_device, model_device, resolve_device
 from detr_viz.errors import ArgumentError, DetrVizError
 from detr_viz.results import ResultStore
 
@@ -56,8 +56,15 @@ class Worker:
         path = Path(source)
         return source, _analyse(self.model, _decode(path), path, self.settings, self.store)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> list[str]:
+        """What this worker loaded, as the local run says it: the model and device, and the
+        warning for a released model's file that is not that release."""
+        from detr_viz.weights import provenance_note
+
+        spec = self.model.spec
+        note = provenance_note(spec, what="these results show")
+        return [f"{spec.title} on {describe_device(model_device(self.model))}"] + (
+            [note] if note else [])
 
 
 def start_ray(address: str | None):
@@ -77,9 +84,11 @@ def start_ray(address: str | None):
     return True
 
 
-def start_workers(settings: BatchSettings, device: str, root: Path, workers: int | None):
+def start_workers(settings: BatchSettings, device: str, root: Path, workers: int | None,
+                  log: Callable[[str], None] = print):
     """``workers`` Ray actors (default: one per CPU, or per GPU for CUDA), each with its model
-    loaded (waited for, so that a bad checkpoint stops the run here with its message)."""
+    loaded (waited for, so that a bad checkpoint stops the run here with its message); what
+    the first one loaded is logged."""
     ray = _ray()
     gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU"))
     per = {"num_gpus": 1} if gpu else {"num_cpus": 1}
@@ -92,11 +101,15 @@ def start_workers(settings: BatchSettings, device: str, root: Path, workers: int
                              runtime_env={"env_vars": {"PYTHONPATH": path}}).remote(
         settings.key(), "cuda" if gpu else device, str(root)) for i in range(count)]
     try:
-        ray.get([a.ready.remote() for a in actors])
+        loaded = ray.get([a.ready.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:
         for actor in actors:
             ray.kill(actor)
         raise DetrVizError(f"A Ray worker could not load the model: {exc}") from exc
+    first, *notes = loaded[0]
+    log(f"{first}, {count} Ray worker{'s' if count > 1 else ''}")
+    for note in notes:
+        log(note)
     return actors
 
 
@@ -113,7 +126,7 @@ def run_batch_on_ray(sources: Sequence[Path], settings: BatchSettings, store: Re
     started = start_ray(None if address in (None, "local") else address) if todo else False
     try:
         if todo:
-            actors = start_workers(settings, device, store.root.resolve(), workers)
+            actors = start_workers(settings, device, store.root.resolve(), workers, log)
             try:
                 _dispatch(ray, actors, todo, report, log, progress or ProgressBar(len(todo)))
             finally:  # Ctrl-C included: no worker outlives the run on a shared cluster

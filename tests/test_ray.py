@@ -36,12 +36,16 @@ def _args(weights_dir, library, paths, size=("96", "128")):
             "--checkpoint", str(weights_dir / "detr-r50-e632da11.pth")]
 
 
-def test_ray_run_equals_the_local_run(local_ray, weights_dir, library, tmp_path):
+def test_ray_run_equals_the_local_run(local_ray, weights_dir, library, tmp_path, capsys):
     paths = photos(tmp_path / "in", 3)
     args = _args(weights_dir, library, paths)
     assert main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "local"), *args]) == 0
+    capsys.readouterr()
     assert main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "ray"), "--ray",
                  "--workers", "2", *args]) == 0
+    err = capsys.readouterr().err  # what the workers loaded, said as the local run says it
+    assert "detr-viz: R50 (official COCO DETR R50) on CPU, 2 Ray workers" in err
+    assert "are not the official detr_resnet50 release" in err
     _same_results(tmp_path / "local", tmp_path / "ray", rtol=1e-4)
 
 
