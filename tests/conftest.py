@@ -27,6 +27,13 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 os.environ.setdefault("DETR_VIZ_DEVICE", "cpu")
 
 
+def files_read(monkeypatch, module) -> list[str]:
+    """Names of the JSON files ``module`` reads through its ``read_json`` from now on."""
+    read, original = [], module.read_json
+    monkeypatch.setattr(module, "read_json", lambda path: read.append(path.name) or original(path))
+    return read
+
+
 @contextlib.contextmanager
 def raises(cls: type[DetrVizError], *fragments: object):
     """pytest.raises(cls), plus: it is a DetrVizError and its message names every fragment."""

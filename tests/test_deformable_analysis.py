@@ -33,7 +33,7 @@ from detr_viz.methods import METHOD, Explainer, decoder_maps, redraw_unavailable
 from detr_viz.sampling import splat
 from detr_viz.weights import describe_checkpoint
 
-from conftest import raises
+from conftest import files_read, raises
 from deformable_models import ModuleCalls, decoder_modules, small_processor, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,14 +100,11 @@ def test_loading_reads_config_json_once_so_spec_and_model_come_from_one_reading(
                                                                              monkeypatch):
     from detr_viz import deformable
 
-    read = []
-    original = deformable.read_json
-    monkeypatch.setattr(deformable, "read_json",
-                        lambda path: read.append(path.name) or original(path))
+    read = files_read(monkeypatch, deformable)
     model = deformable.load_deformable(folders["rt_detr"])
     assert read.count("config.json") == 1
-    assert model.spec.decoder_layers == model.hf.config.decoder_layers == 2
-    assert model.spec.num_queries == model.hf.config.num_queries == 7
+    assert (model.spec.decoder_layers, model.spec.num_queries) == (
+        model.hf.config.decoder_layers, model.hf.config.num_queries) == (2, 7)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

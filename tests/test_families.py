@@ -38,6 +38,8 @@ from detr_viz.methods import (  # noqa: E402
 )
 from detr_viz.weights import describe_checkpoint  # noqa: E402
 
+from conftest import files_read  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 CLASSES = {"conditional_detr": ConditionalDetrForObjectDetection,
            "dab_detr": DabDetrForObjectDetection}
@@ -89,14 +91,11 @@ def test_loading_reads_config_json_once_so_spec_and_model_come_from_one_reading(
                                                                              monkeypatch):
     from detr_viz import families, hf_families
 
-    read = []
-    original = hf_families.read_json
-    monkeypatch.setattr(hf_families, "read_json",
-                        lambda path: read.append(path.name) or original(path))
+    read = files_read(monkeypatch, hf_families)
     model = families.load_family(folders["dab_detr"])
     assert read.count("config.json") == 1
-    assert model.spec.decoder_layers == model.hf.config.decoder_layers == 2
-    assert model.spec.num_queries == model.hf.config.num_queries == 7
+    assert (model.spec.decoder_layers, model.spec.num_queries) == (
+        model.hf.config.decoder_layers, model.hf.config.num_queries) == (2, 7)
 
 
 @pytest.mark.parametrize("family", CLASSES)
