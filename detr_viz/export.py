@@ -2,11 +2,11 @@
 
 What is exported is what the page shows: the kept detections at the chosen threshold and the
 maps of the chosen explanation method (raw attention of the chosen layer and head, rollout or
-relevance), at feature resolution, with everything needed to put them back on the photo
-(sizes, stride, feature grid), and the faithfulness scores computed so far. The settings name
-the weights file and say whether a released variant's file is that release byte for byte. Deformable
-models add the kept detections' sampling points in the chosen decoder layer (photo pixels, with
-their weights) and the reference boxes of every layer.
+relevance), at feature resolution, with everything needed to put them back on the photo (sizes,
+stride, feature grid), and the faithfulness scores computed so far. The settings name the
+weights file and say whether a released variant's file is that release byte for byte.
+Deformable models add the kept detections' sampling points in the chosen decoder layer (photo
+pixels, with their weights) and the reference boxes of every layer.
 """
 
 from __future__ import annotations
