@@ -14,7 +14,9 @@ import torch
 from test_app_models import app_on, pick
 
 from detr_viz import analyze, explain, faithfulness, load_model
+from detr_viz.cache import nbytes
 from detr_viz.display import display_to_original
+from detr_viz.ui import resources
 
 from apptest import SAMPLE, array, assert_clean, charts, click
 from deformable_models import tiny_model
@@ -141,6 +143,21 @@ def test_deformable_detr_encoder_tokens_on_each_level(page, deformable_dir):
     page.toggle(key="enc-overview-on").set_value(True).run()  # every layer and head
     page.toggle(key="dec-overview-on").set_value(True).run()
     assert_clean(page)
+    page.radio(key="method").set_value(explain.ROLLOUT).run()
+    assert_clean(page)
+    assert_sizes_are_current()
+
+
+def assert_sizes_are_current():
+    """What the page's cache counts for an analysis and a rollout is what they hold now: work
+    they keep as they are read (clicked tokens, each query's rollout) counts against the
+    budget."""
+    cache = resources.cache()
+    grown = [k for k, _ in cache.sizes() if k[0] in ("analysis", "rollout")]
+    assert {k[0] for k in grown} == {"analysis", "rollout"}
+    for key, size in cache.sizes():
+        if key in grown:
+            assert size == nbytes(cache.get(key, lambda: None)), key[0]
 
 
 def test_faithfulness_scores_the_shown_level_and_ranks_the_methods_that_apply(

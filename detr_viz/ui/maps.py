@@ -47,14 +47,19 @@ def decoder_maps(photo: Photo, run: Run, method: str, queries: Sequence[int], la
     """(n, h, w) maps of the object queries ``queries`` (ArgumentError if ``method`` does not
     apply to the model: never another method's maps under its name). ``level``: a deformable
     model's one feature level."""
-    return methods.decoder_maps(PageSource(photo, run), method, queries, layer, head, level)
+    maps = methods.decoder_maps(PageSource(photo, run), method, queries, layer, head, level)
+    resources.count_growth(photo, run)
+    return maps
 
 
 def decoder_tokens(photo: Photo, run: Run, method: str, queries: Sequence[int], layer: int,
                    head: int | None, level: int | None = None) -> np.ndarray:
     """(n, S) token values of a deformable model's decoder maps (what they draw; what
     faithfulness scores rank)."""
-    return methods.decoder_tokens(PageSource(photo, run), method, queries, layer, head, level)
+    tokens = methods.decoder_tokens(PageSource(photo, run), method, queries, layer, head,
+                                    level)
+    resources.count_growth(photo, run)
+    return tokens
 
 
 def encoder_maps(photo: Photo, run: Run, method: str, points: Sequence[tuple[float, float]],
@@ -62,8 +67,10 @@ def encoder_maps(photo: Photo, run: Run, method: str, points: Sequence[tuple[flo
                  target: int | None, level: int | None = None) -> list[np.ndarray]:
     """(h, w) maps around each point; relevance needs the explained detection ``target`` (an
     ArgumentError without one). ``level``: the level of a deformable encoder's clicked token."""
-    return methods.encoder_maps(PageSource(photo, run), method, points, layer, head, direction,
+    maps = methods.encoder_maps(PageSource(photo, run), method, points, layer, head, direction,
                                 target, level)
+    resources.count_growth(photo, run)
+    return maps
 
 
 def unavailable(run: Run, method: str) -> str | None:

@@ -311,6 +311,14 @@ def editing(photo: Photo, run: Run, what: str) -> Iterator[Store]:
             cache().remeasure(key, worked=time.perf_counter() - start)
 
 
+def count_growth(photo: Photo, run: Run) -> None:
+    """Measure again the cached entries that keep work as they are read (a deformable
+    analysis's per-click work, a rollout's per-query maps), so that what they gained counts
+    against the budget; about a millisecond each."""
+    for kind in ("analysis", "rollout"):
+        cache().remeasure((kind, photo.digest, *run.key))
+
+
 def rollout(photo: Photo, run: Run):
     with st.spinner("Computing attention rollout (once per photo and backbone)..."):
         return cache().get(("rollout", photo.digest, *run.key),
