@@ -28,7 +28,7 @@ from detr_viz.ui.memo import memo
 from detr_viz.ui.photo import choose_photo
 from detr_viz.ui.resources import Run
 from detr_viz.ui.sidebar import Controls, sidebar
-from detr_viz.weights import PROVENANCE_NOTES
+from detr_viz.weights import describe_provenance
 
 log = logging.getLogger("detr_viz.app")
 
@@ -43,10 +43,9 @@ def provenance_note(run: Run) -> None:
                        "(What the checkpoint may not record, Class names).")
         return
     kind = resources.get_provenance(run.variant, run.checkpoint)
-    if kind not in PROVENANCE_NOTES:
+    note = describe_provenance(kind, run.checkpoint, run.variant, "the page shows")
+    if note is None:
         return
-    note = PROVENANCE_NOTES[kind].format(checkpoint=run.checkpoint, variant=run.variant,
-                                         what="the page shows")
     if kind == "other":
         st.warning(note)
     else:

@@ -77,6 +77,17 @@ class BatchSettings:
                           dilation=self.dilation, device=device)
 
 
+def loaded(model: DETR) -> list[str]:
+    """What a run says of the model it loaded: its title and device, then the warning for a
+    released model's file that is not that release (as the page shows it)."""
+    from detr_viz.device import describe_device, model_device
+    from detr_viz.weights import provenance_note  # the batch code never needs it otherwise
+
+    note = provenance_note(model.spec, what="these results show")
+    return [f"{model.spec.title} on {describe_device(model_device(model))}"] + (
+        [note] if note else [])
+
+
 def method_maps(model: DETR, analysis: Analysis, method: str, queries: list[int]) -> np.ndarray:
     """(n, h, w) maps of ``queries`` by ``method`` (raw: last layer, mean of heads)."""
     return decoder_maps(Explainer(model, analysis), method, queries)

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from detr_viz.batch import BatchReport, BatchSettings, parse_methods, run_batch
-from detr_viz.device import describe_device, resolve_device
+from detr_viz.batch import BatchReport, BatchSettings, loaded, parse_methods, run_batch
+from detr_viz.device import resolve_device
 from detr_viz.errors import ArgumentError
 from detr_viz.model import DEFAULT_VARIANT, DETR
 from detr_viz.results import ResultStore, find_photos
-from detr_viz.weights import DEVICE_ENV, provenance_note
+from detr_viz.weights import DEVICE_ENV
 
 
 def _absolute(path: str | None) -> str | None:
@@ -34,20 +34,17 @@ def device_of(args: argparse.Namespace) -> str:
     return chosen
 
 
-def say_model(model: DETR, device: str) -> None:
-    """The model and device on stderr, and a warning when weights loaded for a released model
-    are not that release (the page shows the same warning)."""
-    print(f"detr-viz: {model.spec.title} on {describe_device(resolve_device(device))}",
-          file=sys.stderr)
-    note = provenance_note(model.spec, what="these results show")
-    if note is not None:
-        print(f"detr-viz: {note}", file=sys.stderr)
+def say_model(model: DETR) -> None:
+    """The model and its device on stderr, and a warning when weights loaded for a released
+    model are not that release (:func:`detr_viz.batch.loaded`; the page shows the same)."""
+    for line in loaded(model):
+        print(f"detr-viz: {line}", file=sys.stderr)
 
 
 def model_loader(settings: BatchSettings, device: str):
     def load() -> DETR:
         model = settings.load(device)
-        say_model(model, device)
+        say_model(model)
         return model
 
     return load

@@ -40,7 +40,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model or settings["variant"], args.checkpoint or
                        settings["checkpoint"], device=device,
                        **{k: same[k] if given[k] is None else given[k] for k in same})
-    say_model(model, device)
+    say_model(model)
     rows, failed, bar = [], 0, ProgressBar(len(records))
     for record in records:
         try:

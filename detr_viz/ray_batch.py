@@ -24,8 +24,16 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from detr_viz.batch import BatchReport, BatchSettings, ProgressBar, _analyse, _decode, pending
-from detr_viz.device import describe_device, model_device, resolve_device
+from detr_viz.batch import (
+    BatchReport,
+    BatchSettings,
+    ProgressBar,
+    _analyse,
+    _decode,
+    loaded,
+    pending,
+)
+from detr_viz.device import resolve_device
 from detr_viz.errors import ArgumentError, DetrVizError
 from detr_viz.results import ResultStore
 
@@ -57,14 +65,8 @@ class Worker:
         return source, _analyse(self.model, _decode(path), path, self.settings, self.store)
 
     def ready(self) -> list[str]:
-        """What this worker loaded, as the local run says it: the model and device, and the
-        warning for a released model's file that is not that release."""
-        from detr_viz.weights import provenance_note
-
-        spec = self.model.spec
-        note = provenance_note(spec, what="these results show")
-        return [f"{spec.title} on {describe_device(model_device(self.model))}"] + (
-            [note] if note else [])
+        """What this worker loaded, as the local run says it (:func:`detr_viz.batch.loaded`)."""
+        return loaded(self.model)
 
 
 def start_ray(address: str | None):

@@ -78,6 +78,7 @@ __all__ = [  # with names kept here from detr_viz.lookup and detr_viz.hf_checkpo
     "checkpoint_url",
     "checkpoint_variant",
     "describe_checkpoint",
+    "describe_provenance",
     "describe_sources",
     "find_checkpoint",
     "hf_checkpoint_candidates",
@@ -281,10 +282,16 @@ def provenance_note(spec: ModelSpec, what: str = "the page shows") -> str | None
     """The sentence to show beside results of a model loaded for a released variant from a
     file that is not that release ("other"), or from a Hugging Face port; else None.
     ``what`` names who shows the results ("the page shows", "these results show")."""
-    kind = weights_provenance(spec)
+    return describe_provenance(weights_provenance(spec), spec.source, spec.name, what)
+
+
+def describe_provenance(kind: Provenance | None, checkpoint: str, variant: str,
+                        what: str) -> str | None:
+    """The sentence :data:`PROVENANCE_NOTES` has for ``kind`` (None for the release itself,
+    or where the question does not arise)."""
     if kind not in PROVENANCE_NOTES:
         return None
-    return PROVENANCE_NOTES[kind].format(checkpoint=spec.source, variant=spec.name, what=what)
+    return PROVENANCE_NOTES[kind].format(checkpoint=checkpoint, variant=variant, what=what)
 
 
 def resolve_checkpoint(
